@@ -1,0 +1,42 @@
+//! Tether's wire format, and nothing else: no I/O, no clocks.
+//!
+//! - [`PREAMBLE`]: the 4 bytes a client writes first on a stream transport.
+//! - [`codec`]: `frame = varint(len) kind:u8 payload`, with the length checked against
+//!   the limit in force *before* anything is allocated (check-then-parse: a partial
+//!   frame costs nothing).
+//! - [`Frame`]: the typed frame, one variant per kind. Kinds are the field numbers of
+//!   `Envelope.frame` in `proto/tether.proto`, the single source of truth; the prost
+//!   types and the proto3 JSON mapping (pbjson) are generated from it at build time.
+//! - [`kind`]: kind ranges. 0x00-0x3F critical (unknown ⇒ protocol error),
+//!   0x40-0x7F ignorable (unknown ⇒ skipped).
+//!
+//! Every decoder here returns an error on bad input; none panics.
+
+pub mod codec;
+pub mod frame;
+pub mod kind;
+
+/// Generated protobuf messages of package `tether.v1` (prost + pbjson serde impls).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/tether.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/tether.v1.serde.rs"));
+}
+
+pub use codec::{FrameDecoder, FrameError, RawFrame, decode_frame, encode_frame, encode_raw};
+pub use frame::{DecodeError, Frame};
+
+/// Written by the client as the first 4 bytes of every stream connection: `T T H <version>`.
+pub const PREAMBLE: [u8; 4] = [b'T', b'T', b'H', PROTOCOL_VERSION as u8];
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame (kind + payload) accepted before WELCOME.
+pub const PRE_AUTH_MAX_FRAME: usize = 4 * 1024;
+
+/// Largest frame (kind + payload) accepted after WELCOME unless negotiated otherwise.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+
+/// Length of a client message id, in bytes.
+pub const CLIENT_MSG_ID_LEN: usize = 16;
