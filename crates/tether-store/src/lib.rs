@@ -1,0 +1,218 @@
+//! Durable inboxes: the [`Store`] trait (batch-first) and its embedded backend.
+//!
+//! This crate owns what must survive a crash: every user's inbox (entries by seq),
+//! the dedup keys of sends, device cursors, and the inbox epoch. It does not own
+//! sessions, notifications or batching policy: the server's single commit path
+//! collects concurrent sends into one [`Store::append`] call (group commit).
+//!
+//! The embedded backend is [redb](https://docs.rs/redb): a pure-Rust, crash-safe
+//! B-tree store that compiles in seconds and lets us plug in our own storage layer,
+//! which is how `relaxed` durability (write(2) without fdatasync) and the power-cut
+//! tests (a simulated disk that drops unsynced bytes) are built. See [`embedded`].
+
+pub mod embedded;
+pub mod sim_disk;
+
+use bytes::Bytes;
+use std::fmt;
+use thiserror::Error;
+
+pub use embedded::EmbeddedStore;
+pub use sim_disk::SimulatedDisk;
+
+/// What a commit waits for before it returns (and so before SEND_ACK is sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// After fdatasync of the record: survives a power cut. The default.
+    #[default]
+    Fsync,
+    /// After write(2): survives a process crash, not a power cut. Always labelled.
+    Relaxed,
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Durability::Fsync => "fsync",
+            Durability::Relaxed => "relaxed",
+        })
+    }
+}
+
+/// The kind of an inbox entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A message someone sent.
+    Message,
+    /// A read receipt.
+    Receipt,
+}
+
+/// One inbox an appended message lands in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxTarget {
+    /// Owner of the inbox.
+    pub user: String,
+    /// The conversation as seen from this inbox (the other user, or `g:<group>`).
+    pub conversation: String,
+}
+
+/// One message to commit: it gets one seq in every target inbox, in one atomic record
+/// together with its dedup key `(sender, sender_device, client_msg_id)`.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    /// Sending user.
+    pub sender: String,
+    /// Sending device.
+    pub sender_device: String,
+    /// Client message id, unique per sender device.
+    pub client_msg_id: [u8; 16],
+    /// Inboxes to append to. The sender's own inbox is one of them when the sender's
+    /// other devices must see what it sent; `sender_seq` is the seq there.
+    pub targets: Vec<InboxTarget>,
+    /// Opaque body.
+    pub body: Bytes,
+    /// MIME-like content type, may be empty.
+    pub content_type: String,
+    /// Entry kind.
+    pub kind: EntryKind,
+    /// Server timestamp, ms since the Unix epoch.
+    pub ts_ms: u64,
+}
+
+/// What the sender is told: the SEND_ACK content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Server message id, unique in the store.
+    pub message_id: u64,
+    /// Seq of the copy in the sender's own inbox (0 if the sender's inbox was not a target).
+    pub sender_seq: u64,
+    /// Timestamp stored with the message.
+    pub ts_ms: u64,
+}
+
+/// Result of one [`AppendRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Newly committed; `heads` lists every target inbox with its new head.
+    New {
+        /// SEND_ACK content.
+        ack: Committed,
+        /// (user, new head) for each target inbox.
+        heads: Vec<(String, u64)>,
+    },
+    /// The dedup key was already known: nothing was written; this is the original ack.
+    Duplicate(Committed),
+}
+
+/// A stored inbox entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Position in the inbox, from 1.
+    pub seq: u64,
+    /// Server message id.
+    pub message_id: u64,
+    /// Sending user.
+    pub from: String,
+    /// Sending device.
+    pub from_device: String,
+    /// The other party from this inbox's point of view.
+    pub conversation: String,
+    /// Opaque body.
+    pub body: Bytes,
+    /// Content type.
+    pub content_type: String,
+    /// Server timestamp, ms.
+    pub ts_ms: u64,
+    /// Entry kind.
+    pub kind: EntryKind,
+}
+
+/// Where an inbox stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxInfo {
+    /// Epoch of the inbox: cursors from another epoch do not apply.
+    pub epoch: u64,
+    /// Highest seq assigned (0 if empty).
+    pub head: u64,
+    /// Lowest seq still retained (head + 1 if everything was compacted or nothing exists).
+    pub low: u64,
+}
+
+/// A device's cursor, as the server last recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCursor {
+    /// Epoch the cursor refers to.
+    pub inbox_epoch: u64,
+    /// The device holds everything up to and including this seq.
+    pub acked_seq: u64,
+    /// Last time the device was seen, ms since the Unix epoch.
+    pub last_seen_ms: u64,
+}
+
+/// What compaction removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactStats {
+    /// Inbox entries removed.
+    pub entries: u64,
+    /// Dedup keys removed.
+    pub dedup_keys: u64,
+    /// Device cursors removed (devices not seen within the expiry).
+    pub devices: u64,
+}
+
+/// Errors from a store. Any error from [`Store::append`] means nothing in the batch
+/// was committed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// I/O on the underlying files.
+    #[error("store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The engine reported an error.
+    #[error("store engine error: {0}")]
+    Engine(String),
+    /// Stored bytes could not be decoded.
+    #[error("corrupt store record: {0}")]
+    Corrupt(String),
+    /// The data directory is held by another process.
+    #[error("data directory {0} is locked by another process")]
+    Locked(String),
+}
+
+/// Durable inbox storage. Batch-first: one call commits many messages atomically.
+///
+/// Methods are blocking; the server calls `append` from its commit thread and reads
+/// from its connection tasks (reads are short and mostly served from cache).
+pub trait Store: Send + Sync + 'static {
+    /// Atomically commits a batch: per request, a new message id, one seq per target
+    /// inbox, and the dedup key; duplicates (also duplicates within the batch) get the
+    /// original ack. Returns only when the batch is durable under the store's
+    /// [`Durability`]. Outcomes are in request order.
+    fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError>;
+
+    /// Entries of `user`'s inbox with `from <= seq <= to`, ascending, at most `limit`.
+    fn read_range(
+        &self,
+        user: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError>;
+
+    /// Epoch, head and low watermark of `user`'s inbox (an empty inbox has head 0).
+    fn inbox_info(&self, user: &str) -> Result<InboxInfo, StoreError>;
+
+    /// The recorded cursor of a device, if the device is known.
+    fn cursor(&self, user: &str, device: &str) -> Result<Option<DeviceCursor>, StoreError>;
+
+    /// Records device cursors (coalesced by the caller). Cursors only move forward
+    /// within an epoch; a smaller `acked_seq` of the same epoch is ignored.
+    fn set_cursors(&self, cursors: &[(String, String, DeviceCursor)]) -> Result<(), StoreError>;
+
+    /// Removes entries and dedup keys older than `before_ms`, and cursors of devices
+    /// not seen since `devices_before_ms`.
+    fn compact(&self, before_ms: u64, devices_before_ms: u64) -> Result<CompactStats, StoreError>;
+
+    /// The durability this store commits with.
+    fn durability(&self) -> Durability;
+}

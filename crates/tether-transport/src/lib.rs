@@ -1,0 +1,127 @@
+//! Transports move whole frames; what is above them never knows which one it is.
+//!
+//! - [`tcp::TcpTransport`]: a byte stream, so it owns the preamble and the length
+//!   prefix. It keeps **no buffer while idle**: bytes are read into a per-thread
+//!   scratch buffer and only the tail of a partial frame (or frames not yet taken) is
+//!   kept; the send buffer exists only while bytes wait for the socket.
+//! - [`memory`]: an in-memory pipe of [`RawFrame`]s with a bounded capacity, so one
+//!   process can hold far more sessions than it has file descriptors, and the cost of
+//!   a session can be measured without the kernel's socket memory.
+//!
+//! This crate knows frames, not the protocol: it never interprets kinds.
+
+pub mod memory;
+pub mod tcp;
+
+use std::io;
+use std::task::{Context, Poll};
+use tether_proto::{Frame, FrameError, RawFrame};
+use thiserror::Error;
+
+/// Why a transport failed. All are fatal to the connection.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// The socket failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The byte stream does not split into valid frames.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The first 4 bytes were not the Tether preamble.
+    #[error("no Tether preamble (expected \"TTH\\x01\")")]
+    BadPreamble,
+    /// The peer closed the stream in the middle of a frame.
+    #[error("stream ended inside a frame ({0} bytes of it received)")]
+    Truncated(usize),
+    /// Sending on a transport whose peer is gone.
+    #[error("transport closed")]
+    Closed,
+}
+
+/// Which transport a connection uses, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// Plain TCP.
+    Tcp,
+    /// In-process pipe.
+    Memory,
+}
+
+impl TransportKind {
+    /// Short lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Memory => "memory",
+        }
+    }
+}
+
+/// A bidirectional channel of whole frames.
+///
+/// Receiving is poll-based so the connection loop can wait on it together with its
+/// session's signals without allocating a future per wait. Sending queues a frame;
+/// [`Transport::poll_flush`] pushes queued frames out and is how backpressure is felt.
+pub trait Transport: Send + Unpin + 'static {
+    /// The next whole frame; `Ok(None)` on an orderly end of stream.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>>;
+
+    /// Sets the largest frame (kind + payload) accepted from the peer from now on.
+    fn set_max_frame(&mut self, limit: usize);
+
+    /// Queues a frame to send. Call [`Transport::poll_flush`] to push it out.
+    fn send(&mut self, frame: &Frame) -> Result<(), TransportError>;
+
+    /// Writes queued frames; `Ready(Ok(()))` once nothing is queued.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>>;
+
+    /// Bytes queued locally and not yet accepted by the peer or the kernel.
+    fn queued_bytes(&self) -> usize;
+
+    /// Shuts the write side down after queued frames (best effort).
+    fn shutdown(&mut self);
+
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+
+    /// The peer's address, for logs.
+    fn peer(&self) -> String;
+}
+
+/// Flushes then returns, for code outside a poll loop.
+pub async fn flush<T: Transport + ?Sized>(t: &mut T) -> Result<(), TransportError> {
+    std::future::poll_fn(|cx| t.poll_flush(cx)).await
+}
+
+/// Receives one frame, for code outside a poll loop.
+pub async fn recv<T: Transport + ?Sized>(t: &mut T) -> Result<Option<RawFrame>, TransportError> {
+    std::future::poll_fn(|cx| t.poll_recv(cx)).await
+}
+
+/// Boxed transports are transports.
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>> {
+        (**self).poll_recv(cx)
+    }
+    fn set_max_frame(&mut self, limit: usize) {
+        (**self).set_max_frame(limit)
+    }
+    fn send(&mut self, frame: &Frame) -> Result<(), TransportError> {
+        (**self).send(frame)
+    }
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        (**self).poll_flush(cx)
+    }
+    fn queued_bytes(&self) -> usize {
+        (**self).queued_bytes()
+    }
+    fn shutdown(&mut self) {
+        (**self).shutdown()
+    }
+    fn kind(&self) -> TransportKind {
+        (**self).kind()
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+}

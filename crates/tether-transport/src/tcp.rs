@@ -1,0 +1,302 @@
+//! Frames over TCP: preamble, varint length prefix, no buffers while idle.
+
+use crate::{Transport, TransportError, TransportKind};
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::task::{Context, Poll, ready};
+use tether_proto::{Frame, PREAMBLE, RawFrame, codec, frame};
+use tokio::net::TcpStream;
+
+/// Size of the per-thread read buffer: one read takes at most this much.
+const SCRATCH_LEN: usize = 64 * 1024;
+
+thread_local! {
+    /// Shared by every connection polled on this thread, so an idle connection owns none.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
+}
+
+/// Whole frames over a TCP stream.
+#[derive(Debug)]
+pub struct TcpTransport {
+    stream: TcpStream,
+    /// Bytes received but not yet taken as frames; empty (no allocation) when idle.
+    inbuf: Vec<u8>,
+    /// Read position in `inbuf`.
+    inpos: usize,
+    /// Encoded frames waiting for the socket; empty (no allocation) when idle.
+    out: Vec<u8>,
+    /// Write position in `out`.
+    outpos: usize,
+    max_frame: u32,
+    /// The server side still expects the client's preamble.
+    expect_preamble: bool,
+}
+
+impl TcpTransport {
+    /// The server side of an accepted connection: the first 4 bytes must be the preamble.
+    pub fn accepted(stream: TcpStream, max_frame: usize) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self::new(stream, max_frame, true)
+    }
+
+    /// Connects to a server and queues the preamble.
+    pub async fn connect(addr: SocketAddr, max_frame: usize) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self::client(stream, max_frame))
+    }
+
+    /// The client side of an already connected stream; queues the preamble.
+    pub fn client(stream: TcpStream, max_frame: usize) -> Self {
+        let mut t = Self::new(stream, max_frame, false);
+        t.out.extend_from_slice(&PREAMBLE);
+        t
+    }
+
+    fn new(stream: TcpStream, max_frame: usize, expect_preamble: bool) -> Self {
+        Self {
+            stream,
+            inbuf: Vec::new(),
+            inpos: 0,
+            out: Vec::new(),
+            outpos: 0,
+            max_frame: max_frame.min(u32::MAX as usize) as u32,
+            expect_preamble,
+        }
+    }
+
+    /// The underlying stream (for socket options and TCP_INFO).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Takes the next frame (or checks the preamble) out of `buf`, returning it and the
+    /// bytes consumed. `Ok((None, 0))` means more bytes are needed.
+    fn take(&mut self, buf: &[u8]) -> Result<(Option<RawFrame>, usize), TransportError> {
+        let mut used = 0;
+        if self.expect_preamble {
+            let n = buf.len().min(PREAMBLE.len());
+            if buf[..n] != PREAMBLE[..n] {
+                return Err(TransportError::BadPreamble);
+            }
+            if n < PREAMBLE.len() {
+                return Ok((None, 0));
+            }
+            self.expect_preamble = false;
+            used = PREAMBLE.len();
+        }
+        match codec::decode_frame(&buf[used..], self.max_frame as usize)? {
+            Some((frame, n)) => Ok((Some(frame), used + n)),
+            None => Ok((None, used)),
+        }
+    }
+
+    fn compact_inbuf(&mut self) {
+        if self.inpos >= self.inbuf.len() {
+            // Idle again: give the memory back.
+            self.inbuf = Vec::new();
+            self.inpos = 0;
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>> {
+        // Frames already received come first.
+        if self.inpos < self.inbuf.len() {
+            let pending = std::mem::take(&mut self.inbuf);
+            let result = self.take(&pending[self.inpos..]);
+            self.inbuf = pending;
+            let (frame, used) = result?;
+            self.inpos += used;
+            if let Some(frame) = frame {
+                self.compact_inbuf();
+                return Poll::Ready(Ok(Some(frame)));
+            }
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            let step = SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = match self.stream.try_read(&mut scratch[..]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => return Err(TransportError::Io(e)),
+                };
+                if n == 0 {
+                    let partial = self.inbuf.len() - self.inpos;
+                    return if partial == 0 && !self.expect_preamble {
+                        Ok(Some(None))
+                    } else if self.expect_preamble && partial == 0 {
+                        Err(TransportError::BadPreamble)
+                    } else {
+                        Err(TransportError::Truncated(partial))
+                    };
+                }
+                if self.inpos < self.inbuf.len() {
+                    // A partial frame is waiting: append and retry from the buffer.
+                    self.inbuf.extend_from_slice(&scratch[..n]);
+                    let pending = std::mem::take(&mut self.inbuf);
+                    let result = self.take(&pending[self.inpos..]);
+                    self.inbuf = pending;
+                    let (frame, used) = result?;
+                    self.inpos += used;
+                    if frame.is_some() {
+                        self.compact_inbuf();
+                    }
+                    return Ok(frame.map(Some));
+                }
+                // Common case: parse straight out of the scratch buffer.
+                let (frame, used) = self.take(&scratch[..n])?;
+                if used < n {
+                    self.inbuf = scratch[used..n].to_vec();
+                    self.inpos = 0;
+                }
+                Ok(frame.map(Some))
+            })?;
+            if let Some(frame) = step {
+                return Poll::Ready(Ok(frame));
+            }
+        }
+    }
+
+    fn set_max_frame(&mut self, limit: usize) {
+        self.max_frame = limit.min(u32::MAX as usize) as u32;
+    }
+
+    fn send(&mut self, f: &Frame) -> Result<(), TransportError> {
+        frame::encode_to(f, &mut self.out);
+        Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        while self.outpos < self.out.len() {
+            match self.stream.try_write(&self.out[self.outpos..]) {
+                Ok(0) => return Poll::Ready(Err(TransportError::Closed)),
+                Ok(n) => self.outpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.stream.poll_write_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
+        if !self.out.is_empty() {
+            self.out = Vec::new();
+            self.outpos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.out.len() - self.outpos
+    }
+
+    fn shutdown(&mut self) {
+        if let Ok(std) = self.stream_ref_socket() {
+            let _ = std.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn peer(&self) -> String {
+        self.stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
+    }
+}
+
+impl TcpTransport {
+    fn stream_ref_socket(&self) -> io::Result<socket2::SockRef<'_>> {
+        Ok(socket2::SockRef::from(&self.stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{flush, recv};
+    use tether_proto::{DEFAULT_MAX_FRAME, pb};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpTransport, TcpTransport) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpTransport::connect(addr, DEFAULT_MAX_FRAME);
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (
+            client.unwrap(),
+            TcpTransport::accepted(accepted.unwrap().0, 4096),
+        )
+    }
+
+    #[tokio::test]
+    async fn frames_cross_with_preamble_and_leave_no_idle_buffers() {
+        let (mut c, mut s) = pair().await;
+        for i in 0..100u64 {
+            c.send(&Frame::Ack(pb::Ack { seq: i })).unwrap();
+        }
+        flush(&mut c).await.unwrap();
+        assert_eq!(c.out.capacity(), 0);
+        for i in 0..100u64 {
+            let raw = recv(&mut s).await.unwrap().unwrap();
+            assert_eq!(frame::from_raw(&raw).unwrap(), Frame::Ack(pb::Ack { seq: i }));
+        }
+        assert_eq!(s.inbuf.capacity(), 0, "idle server keeps no read buffer");
+    }
+
+    #[tokio::test]
+    async fn wrong_preamble_fails_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut s = TcpTransport::accepted(accepted, 4096);
+        raw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(matches!(recv(&mut s).await, Err(TransportError::BadPreamble)));
+    }
+
+    #[tokio::test]
+    async fn oversized_length_fails_before_the_body_arrives() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut s = TcpTransport::accepted(accepted, 4096);
+        let mut bytes = PREAMBLE.to_vec();
+        prost_varint(1 << 20, &mut bytes);
+        raw.write_all(&bytes).await.unwrap();
+        assert!(matches!(
+            recv(&mut s).await,
+            Err(TransportError::Frame(tether_proto::FrameError::TooLarge { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_truncated() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut s = TcpTransport::accepted(accepted, 4096);
+        let mut bytes = PREAMBLE.to_vec();
+        bytes.extend_from_slice(&[10, 5, 1, 2]);
+        raw.write_all(&bytes).await.unwrap();
+        raw.shutdown().await.unwrap();
+        assert!(matches!(recv(&mut s).await, Err(TransportError::Truncated(4))));
+    }
+
+    fn prost_varint(v: u64, out: &mut Vec<u8>) {
+        let mut v = v;
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+}
