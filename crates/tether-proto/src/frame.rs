@@ -229,6 +229,7 @@ pub fn error(code: pb::ErrorCode, reason: impl Into<String>, fatal: bool) -> Fra
         reason: reason.into(),
         retry_after_ms: 0,
         fatal,
+        client_msg_id: Default::default(),
     })
 }
 
