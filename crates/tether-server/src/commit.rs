@@ -1,0 +1,229 @@
+//! The single commit path (DESIGN §6): the only place seqs are assigned.
+//!
+//! Connections submit sends; one commit thread drains everything submitted while the
+//! previous batch was being made durable and commits it as one store transaction
+//! (group commit). Only then does it answer each sender (SEND_ACK, or the original
+//! SEND_ACK for a duplicate) and notify the heads of the inboxes it touched; DELIVER
+//! follows from those notifications (position streaming), so nothing is acknowledged
+//! or delivered before it is durable.
+//!
+//! Device cursors (moved by ACKs) are coalesced here too and written in the same
+//! thread at most every [`CURSOR_FLUSH_INTERVAL`]: a lost cursor only means a
+//! redelivery, which clients drop by seq.
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, Session};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tether_proto::{Frame, frame, pb};
+use tether_store::{AppendOutcome, AppendRequest, DeviceCursor, Store};
+use tracing::{error, info};
+
+/// Longest time a moved cursor waits before it is written.
+pub const CURSOR_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A send waiting for its commit.
+#[derive(Debug)]
+pub struct CommitRequest {
+    /// What to store.
+    pub append: AppendRequest,
+    /// Whom to answer.
+    pub reply_to: Arc<Session>,
+    /// When the connection submitted it (commit latency is measured from here).
+    pub submitted: Instant,
+}
+
+enum Command {
+    Append(CommitRequest),
+    Stop,
+}
+
+type CursorKey = (Arc<str>, Box<str>);
+
+/// Handle to the commit thread.
+pub struct CommitPath {
+    tx: Mutex<mpsc::Sender<Command>>,
+    cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for CommitPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitPath")
+    }
+}
+
+impl CommitPath {
+    /// Starts the commit thread.
+    pub fn start(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        max_batch: usize,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>> = Default::default();
+        let worker = CommitWorker {
+            store,
+            registry,
+            metrics,
+            cursors: cursors.clone(),
+            max_batch: max_batch.max(1),
+        };
+        let thread = std::thread::Builder::new()
+            .name("tether-commit".into())
+            .spawn(move || worker.run(rx))
+            .ok();
+        Self {
+            tx: Mutex::new(tx),
+            cursors,
+            thread: Mutex::new(thread),
+        }
+    }
+
+    /// Queues a send for the next group commit. The answer arrives as a reply frame
+    /// on `reply_to`. Returns false if the commit path has stopped.
+    pub fn submit(&self, request: CommitRequest) -> bool {
+        self.tx.lock().send(Command::Append(request)).is_ok()
+    }
+
+    /// Records that a device holds everything up to `cursor.acked_seq`.
+    pub fn move_cursor(&self, user: &Arc<str>, device: &str, cursor: DeviceCursor) {
+        let mut map = self.cursors.lock();
+        let slot = map
+            .entry((user.clone(), device.into()))
+            .or_insert(cursor);
+        if cursor.inbox_epoch != slot.inbox_epoch || cursor.acked_seq >= slot.acked_seq {
+            *slot = cursor;
+        }
+    }
+
+    /// Commits what was submitted so far, writes pending cursors and stops the thread.
+    pub fn stop(&self) {
+        let _ = self.tx.lock().send(Command::Stop);
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct CommitWorker {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
+    max_batch: usize,
+}
+
+impl CommitWorker {
+    fn run(self, rx: mpsc::Receiver<Command>) {
+        let mut appends = Vec::with_capacity(self.max_batch);
+        let mut waiting = Vec::with_capacity(self.max_batch);
+        let mut last_cursor_flush = Instant::now();
+        let mut stopping = false;
+        while !stopping {
+            match rx.recv_timeout(CURSOR_FLUSH_INTERVAL) {
+                Ok(Command::Append(r)) => {
+                    appends.push(r.append);
+                    waiting.push((r.reply_to, r.submitted));
+                }
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Everything that arrived while the previous commit was syncing joins this one.
+            while !stopping && appends.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(Command::Append(r)) => {
+                        appends.push(r.append);
+                        waiting.push((r.reply_to, r.submitted));
+                    }
+                    Ok(Command::Stop) => stopping = true,
+                    Err(_) => break,
+                }
+            }
+            if !appends.is_empty() {
+                self.commit(&appends, &mut waiting);
+                appends.clear();
+                waiting.clear();
+            }
+            if stopping || last_cursor_flush.elapsed() >= CURSOR_FLUSH_INTERVAL {
+                self.flush_cursors();
+                last_cursor_flush = Instant::now();
+            }
+        }
+        info!("commit path stopped");
+    }
+
+    fn commit(&self, appends: &[AppendRequest], waiting: &mut [(Arc<Session>, Instant)]) {
+        let started = Instant::now();
+        let outcomes = match self.store.append(appends) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                error!(error = %e, batch = appends.len(), "commit failed; senders will retry");
+                for (append, (session, _)) in appends.iter().zip(waiting.iter()) {
+                    let mut err = frame::error(
+                        pb::ErrorCode::Internal,
+                        format!("commit failed: {e}"),
+                        false,
+                    );
+                    if let Frame::Error(ref mut inner) = err {
+                        inner.client_msg_id = bytes::Bytes::copy_from_slice(&append.client_msg_id);
+                    }
+                    session.push_reply(err);
+                }
+                return;
+            }
+        };
+        let done = Instant::now();
+        self.metrics.observe_batch(appends.len(), done - started);
+        let mut heads: HashMap<&str, u64> = HashMap::new();
+        let mut new = 0u64;
+        for ((append, outcome), (session, submitted)) in
+            appends.iter().zip(&outcomes).zip(waiting.iter())
+        {
+            let ack = match outcome {
+                AppendOutcome::New { ack, heads: h } => {
+                    new += 1;
+                    for (user, head) in h {
+                        let slot = heads.entry(user.as_str()).or_default();
+                        *slot = (*slot).max(*head);
+                    }
+                    ack
+                }
+                AppendOutcome::Duplicate(ack) => {
+                    self.metrics.duplicates.inc();
+                    ack
+                }
+            };
+            self.metrics.observe_commit_latency(done - *submitted);
+            session.push_reply(Frame::SendAck(pb::SendAck {
+                client_msg_id: bytes::Bytes::copy_from_slice(&append.client_msg_id),
+                message_id: ack.message_id,
+                seq: ack.sender_seq,
+                ts_ms: ack.ts_ms,
+            }));
+        }
+        self.metrics.messages_committed.inc_by(new);
+        for (user, head) in heads {
+            self.registry.notify_head(user, head);
+        }
+    }
+
+    fn flush_cursors(&self) {
+        let pending = std::mem::take(&mut *self.cursors.lock());
+        if pending.is_empty() {
+            return;
+        }
+        let batch: Vec<(String, String, DeviceCursor)> = pending
+            .into_iter()
+            .map(|((u, d), c)| (u.to_string(), d.into_string(), c))
+            .collect();
+        if let Err(e) = self.store.set_cursors(&batch) {
+            error!(error = %e, "writing device cursors failed; devices may see redeliveries");
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Server settings, with safe defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tether_store::Durability;
+
+/// Where a device that has never connected (and brings no resume point) starts.
+///
+/// The policy is announced to the device as `WELCOME.start_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPolicy {
+    /// From the oldest retained entry: a new device sees the whole retained inbox.
+    Beginning,
+    /// At most the last `n` entries.
+    Last(u64),
+    /// Only what arrives after it connects.
+    Head,
+}
+
+impl std::str::FromStr for StartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "beginning" | "all" => Ok(Self::Beginning),
+            "head" | "new" => Ok(Self::Head),
+            _ => s
+                .strip_prefix("last:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Last)
+                .ok_or_else(|| format!("`{s}`: expected beginning, head or last:N")),
+        }
+    }
+}
+
+/// Heartbeat intervals the server accepts from clients.
+#[derive(Debug, Clone, Copy)]
+pub struct HeartbeatLimits {
+    /// Used when the client asks for 0.
+    pub default_interval: Duration,
+    /// Smallest accepted interval.
+    pub min_interval: Duration,
+    /// Largest accepted interval.
+    pub max_interval: Duration,
+    /// `P`: how long the client waits for a PONG.
+    pub pong_timeout: Duration,
+    /// `m`: PINGs the client may miss before the link is dead.
+    pub max_misses: u32,
+}
+
+impl Default for HeartbeatLimits {
+    fn default() -> Self {
+        Self {
+            default_interval: Duration::from_secs(30),
+            min_interval: Duration::from_secs(5),
+            max_interval: Duration::from_secs(30 * 60),
+            pong_timeout: Duration::from_secs(5),
+            max_misses: 2,
+        }
+    }
+}
+
+impl HeartbeatLimits {
+    /// Clamps a requested interval (0 = default) into the accepted range.
+    pub fn accept(&self, requested_ms: u32) -> Duration {
+        if requested_ms == 0 {
+            return self.default_interval;
+        }
+        Duration::from_millis(u64::from(requested_ms)).clamp(self.min_interval, self.max_interval)
+    }
+}
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory: the store and the token secret live here.
+    pub data_dir: PathBuf,
+    /// TCP listen address for clients.
+    pub listen: SocketAddr,
+    /// HTTP address for /metrics and /healthz.
+    pub http: Option<SocketAddr>,
+    /// Store durability.
+    pub durability: Durability,
+    /// Time a new connection has to complete HELLO.
+    pub login_deadline: Duration,
+    /// Largest frame after WELCOME.
+    pub max_frame: usize,
+    /// Most un-ACKed DELIVERs in flight per connection.
+    pub credit_window: u32,
+    /// Most SENDs of one connection waiting for their commit.
+    pub max_inflight_sends: u32,
+    /// Where devices without a cursor start.
+    pub start_policy: StartPolicy,
+    /// How long messages (and their dedup keys) are kept.
+    pub retention: Duration,
+    /// Devices not seen for this long lose their server cursor.
+    pub device_expiry: Duration,
+    /// Heartbeat limits.
+    pub heartbeat: HeartbeatLimits,
+    /// Most messages in one group commit.
+    pub max_commit_batch: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("tether-data"),
+            listen: ([127, 0, 0, 1], 7400).into(),
+            http: Some(([127, 0, 0, 1], 7401).into()),
+            durability: Durability::Fsync,
+            login_deadline: Duration::from_secs(10),
+            max_frame: tether_proto::DEFAULT_MAX_FRAME,
+            credit_window: 256,
+            max_inflight_sends: 1024,
+            start_policy: StartPolicy::Beginning,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            device_expiry: Duration::from_secs(90 * 24 * 3600),
+            heartbeat: HeartbeatLimits::default(),
+            max_commit_batch: 2048,
+        }
+    }
+}

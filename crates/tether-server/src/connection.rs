@@ -1,0 +1,828 @@
+//! One connection, from preamble to close: [`serve`] is the whole per-connection loop.
+//!
+//! Shape (DESIGN §6, §10): a login phase bounded by the login deadline, then one loop
+//! that waits on three things at once without allocating per wait: a frame from the
+//! transport, signals from the rest of the server (new head, commit replies, kick),
+//! and room in the transport's send buffer. Delivery is by position: the connection
+//! holds `next` and streams `next..=head` from the store within a credit window of
+//! un-ACKed DELIVERs. Nothing is queued per connection, so a slow consumer simply
+//! falls behind.
+
+use crate::Shared;
+use crate::commit::CommitRequest;
+use crate::config::StartPolicy;
+use crate::registry::{
+    Registered, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session,
+};
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tether_proto::frame::{self, DecodeError};
+use tether_proto::pb::{self, ErrorCode};
+use tether_proto::{Frame, FrameError, RawFrame};
+use tether_store::{
+    AppendRequest, DeviceCursor, EntryKind, InboxInfo, InboxTarget, StoreError, StoredEntry,
+};
+use tether_transport::{Transport, TransportError};
+use tracing::{info, warn};
+
+/// Stop reading and streaming while this many bytes wait for the socket.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Entries read from the store per step of streaming.
+const READ_BATCH: u64 = 64;
+/// Entries per SYNC_DONE at most.
+const SYNC_BATCH: u32 = 256;
+/// Time allowed to flush a final ERROR or KICK before closing.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why a connection ended, for logs.
+#[derive(Debug)]
+enum Close {
+    /// We sent a fatal ERROR.
+    Fatal(ErrorCode, String),
+    /// The peer closed or the transport failed.
+    Transport(String),
+    /// A newer login of the device took over.
+    Replaced,
+    /// Server shutdown.
+    Shutdown,
+    /// The peer sent a fatal ERROR.
+    PeerError(String),
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Close::Fatal(code, reason) => write!(f, "sent fatal ERROR {}: {reason}", code.as_str_name()),
+            Close::Transport(why) => write!(f, "transport: {why}"),
+            Close::Replaced => f.write_str("replaced by a newer login of the device"),
+            Close::Shutdown => f.write_str("server shutdown"),
+            Close::PeerError(why) => write!(f, "peer sent fatal ERROR: {why}"),
+        }
+    }
+}
+
+impl Close {
+    fn fatal(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Close::Fatal(code, reason.into())
+    }
+}
+
+impl From<StoreError> for Close {
+    fn from(e: StoreError) -> Self {
+        Close::fatal(ErrorCode::Internal, format!("store: {e}"))
+    }
+}
+
+/// Maps a transport failure to what the peer is told (if it can still hear us).
+fn transport_close(e: TransportError) -> Close {
+    match e {
+        TransportError::BadPreamble => Close::fatal(
+            ErrorCode::BadPreamble,
+            "expected the preamble \"TTH\\x01\" (Tether protocol version 1)",
+        ),
+        TransportError::Frame(FrameError::TooLarge { len, limit }) => Close::fatal(
+            ErrorCode::FrameTooLarge,
+            format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
+        ),
+        TransportError::Frame(e) => Close::fatal(ErrorCode::MalformedFrame, e.to_string()),
+        other => Close::Transport(other.to_string()),
+    }
+}
+
+/// Maps a frame that did not decode to a fatal error; `None` means skip it.
+fn decode_close(e: DecodeError) -> Option<Close> {
+    match e {
+        DecodeError::UnknownIgnorable(_) => None,
+        DecodeError::UnknownCritical(k) => Some(Close::fatal(
+            ErrorCode::UnknownKind,
+            format!("unknown critical frame kind 0x{k:02x}"),
+        )),
+        DecodeError::MissingField { .. } => {
+            Some(Close::fatal(ErrorCode::MissingField, e.to_string()))
+        }
+        DecodeError::BadPayload { .. } | DecodeError::BadJson(_) => {
+            Some(Close::fatal(ErrorCode::MalformedFrame, e.to_string()))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serves one connection until it closes. Generic over the transport: TCP and the
+/// in-memory pipe take exactly this path.
+pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T) {
+    shared.metrics.connections_accepted.inc();
+    shared.metrics.connections_open.inc();
+    let deadline = shared.config.login_deadline;
+    let admitted = match tokio::time::timeout(deadline, read_hello(&mut t)).await {
+        Ok(Ok(hello)) => admit(&shared, hello),
+        Ok(Err(close)) => Err(close),
+        Err(_) => Err(Close::fatal(
+            ErrorCode::LoginTimeout,
+            format!("no HELLO within {} ms", deadline.as_millis()),
+        )),
+    };
+    let close = match admitted {
+        Ok(admission) => {
+            shared.metrics.logins.inc();
+            let mut conn = Conn::new(t, shared.clone(), &admission);
+            let close = match conn.welcome(&admission) {
+                Ok(()) => conn.run().await,
+                Err(close) => close,
+            };
+            drop(admission);
+            shared.registry.unregister(&conn.session);
+            info!(
+                user = &*conn.session.user,
+                device = &*conn.session.device,
+                transport = conn.t.kind().as_str(),
+                peer = %conn.t.peer(),
+                reason = %close,
+                "session closed"
+            );
+            t = conn.t;
+            close
+        }
+        Err(close) => {
+            shared.metrics.login_failures.inc();
+            info!(transport = t.kind().as_str(), peer = %t.peer(), reason = %close, "login refused");
+            close
+        }
+    };
+    finish(&shared, &mut t, close).await;
+    shared.metrics.connections_open.dec();
+}
+
+/// Sends the closing frame, if any, and shuts the transport down.
+async fn finish<T: Transport>(shared: &Shared, t: &mut T, close: Close) {
+    let last = match close {
+        Close::Fatal(code, reason) => {
+            shared.metrics.protocol_errors.inc();
+            Some(frame::error(code, reason, true))
+        }
+        Close::Replaced => Some(Frame::Kick(pb::Kick {
+            reason: pb::KickReason::Replaced as i32,
+            detail: "a newer login of this device took over".into(),
+        })),
+        Close::Transport(_) | Close::Shutdown | Close::PeerError(_) => None,
+    };
+    if let Some(last) = last {
+        let _ = t.send(&last);
+    }
+    let _ = tokio::time::timeout(CLOSE_FLUSH, tether_transport::flush(t)).await;
+    t.shutdown();
+}
+
+/// Waits for HELLO: the first frame that is not an unknown ignorable kind.
+async fn read_hello<T: Transport>(t: &mut T) -> Result<pb::Hello, Close> {
+    loop {
+        let raw = match tether_transport::recv(t).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Err(Close::Transport("closed before HELLO".into())),
+            Err(e) => return Err(transport_close(e)),
+        };
+        match frame::from_raw(&raw) {
+            Ok(Frame::Hello(hello)) => return Ok(hello),
+            Ok(other) => {
+                return Err(Close::fatal(
+                    ErrorCode::UnexpectedKind,
+                    format!(
+                        "{} before HELLO: the first frame must be HELLO",
+                        tether_proto::kind::name(frame::kind_of(&other))
+                    ),
+                ));
+            }
+            Err(e) => {
+                if let Some(close) = decode_close(e) {
+                    return Err(close);
+                }
+            }
+        }
+    }
+}
+
+/// What a successful login decided.
+struct Admission {
+    session: Arc<Session>,
+    info: InboxInfo,
+    start: u64,
+    epoch_changed: bool,
+    interval: Duration,
+}
+
+/// Checks the HELLO, registers the session and decides where delivery starts.
+fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
+    if hello.version != tether_proto::PROTOCOL_VERSION {
+        return Err(Close::fatal(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {} is not supported (1 is)", hello.version),
+        ));
+    }
+    let user = shared
+        .auth
+        .verify(&hello.token)
+        .map_err(|e| Close::fatal(ErrorCode::AuthFailed, e.to_string()))?;
+    if hello.probe {
+        return Err(Close::fatal(
+            ErrorCode::Unsupported,
+            "probe sessions are not offered by this server yet",
+        ));
+    }
+    let session = Arc::new(Session::new(
+        user.into(),
+        hello.device_id.into_boxed_str(),
+        hello.device_epoch,
+    ));
+    // Register before reading the head: a commit after this point notifies us, one
+    // before it is covered by the head we read next.
+    match shared.registry.register(&session) {
+        Ok(Registered::Fresh) => {}
+        Ok(Registered::Replaced(old)) => {
+            info!(user = &*old.user, device = &*old.device, old_epoch = old.device_epoch,
+                new_epoch = session.device_epoch, "newer login replaces older");
+        }
+        Err(stale) => {
+            return Err(Close::fatal(
+                ErrorCode::StaleDeviceEpoch,
+                format!(
+                    "device epoch {} is older than the active login's {}",
+                    session.device_epoch, stale.active
+                ),
+            ));
+        }
+    }
+    let decided = (|| {
+        let info = shared.store.inbox_info(&session.user)?;
+        let cursor = shared.store.cursor(&session.user, &session.device)?;
+        let (start, epoch_changed) =
+            start_seq(info, hello.resume, cursor, shared.config.start_policy)?;
+        Ok::<_, Close>((info, start, epoch_changed))
+    })();
+    let (info, start, epoch_changed) = match decided {
+        Ok(d) => d,
+        Err(close) => {
+            shared.registry.unregister(&session);
+            return Err(close);
+        }
+    };
+    session.notify_head(info.head);
+    Ok(Admission {
+        session,
+        info,
+        start,
+        epoch_changed,
+        interval: shared.config.heartbeat.accept(hello.heartbeat_interval_ms),
+    })
+}
+
+/// Where delivery starts for a device (DESIGN §6 resume rules). Returns the first seq
+/// to deliver and whether the device's resume point was from another inbox epoch.
+fn start_seq(
+    info: InboxInfo,
+    resume: Option<pb::ResumePoint>,
+    cursor: Option<DeviceCursor>,
+    policy: StartPolicy,
+) -> Result<(u64, bool), Close> {
+    let low = info.low.max(1);
+    let mut epoch_changed = false;
+    if let Some(r) = resume {
+        if r.inbox_epoch == info.epoch {
+            if r.last_seq > info.head {
+                return Err(Close::fatal(
+                    ErrorCode::ResumeAheadOfHead,
+                    format!(
+                        "resume point {} is above the inbox head {}",
+                        r.last_seq, info.head
+                    ),
+                ));
+            }
+            return Ok(((r.last_seq + 1).max(low), false));
+        }
+        // Another epoch: the device restarts cleanly, as one the server never saw.
+        epoch_changed = true;
+    }
+    if let Some(c) = cursor.filter(|c| c.inbox_epoch == info.epoch && !epoch_changed) {
+        return Ok(((c.acked_seq + 1).clamp(low, info.head + 1), false));
+    }
+    let start = match policy {
+        StartPolicy::Beginning => low,
+        StartPolicy::Last(n) => (info.head + 1).saturating_sub(n).max(low),
+        StartPolicy::Head => info.head + 1,
+    };
+    Ok((start, epoch_changed))
+}
+
+/// A logged-in connection's state (kept small: it lives as long as the session).
+struct Conn<T> {
+    t: T,
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    inbox_epoch: u64,
+    /// Next seq to DELIVER.
+    next: u64,
+    /// Highest seq the device ACKed.
+    acked: u64,
+    /// Newest head known.
+    head: u64,
+    /// SENDs submitted and not yet answered.
+    inflight_sends: u32,
+}
+
+/// What woke the connection loop.
+enum Event {
+    Frame(RawFrame),
+    Signals(u8),
+    Closed(Close),
+}
+
+impl<T: Transport> Conn<T> {
+    fn new(t: T, shared: Arc<Shared>, a: &Admission) -> Self {
+        Self {
+            t,
+            shared,
+            session: a.session.clone(),
+            inbox_epoch: a.info.epoch,
+            next: a.start,
+            acked: a.start - 1,
+            head: a.info.head,
+            inflight_sends: 0,
+        }
+    }
+
+    async fn run(&mut self) -> Close {
+        loop {
+            if let Err(close) = self.stream() {
+                return close;
+            }
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            let step = match event {
+                Event::Frame(raw) => self.on_frame(raw),
+                Event::Signals(bits) => self.on_signals(bits),
+                Event::Closed(close) => Err(close),
+            };
+            if let Err(close) = step {
+                return close;
+            }
+        }
+    }
+
+    /// Sends WELCOME (preceded by a non-fatal ERROR if the device's resume point was
+    /// from another inbox epoch) and switches to the post-auth frame limit.
+    fn welcome(&mut self, a: &Admission) -> Result<(), Close> {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        if a.epoch_changed {
+            self.send(frame::error(
+                ErrorCode::InboxEpochChanged,
+                format!(
+                    "resume point is from another inbox epoch; restarting at seq {} of epoch {}",
+                    a.start, a.info.epoch
+                ),
+                false,
+            ))?;
+        }
+        let session_id = self
+            .shared
+            .session_ids
+            .fetch_add(1, Ordering::Relaxed);
+        self.send(Frame::Welcome(pb::Welcome {
+            session_id: format!("{:x}-{session_id:x}", self.shared.boot_id),
+            user_id: self.session.user.to_string(),
+            server_time_ms: now_ms(),
+            inbox_epoch: a.info.epoch,
+            start_seq: a.start,
+            heartbeat: Some(pb::HeartbeatLimits {
+                interval_ms: a.interval.as_millis() as u32,
+                min_interval_ms: cfg.heartbeat.min_interval.as_millis() as u32,
+                max_interval_ms: cfg.heartbeat.max_interval.as_millis() as u32,
+                pong_timeout_ms: cfg.heartbeat.pong_timeout.as_millis() as u32,
+                max_misses: cfg.heartbeat.max_misses,
+            }),
+            dedup_window_ms: cfg.retention.as_millis() as u64,
+            max_frame: cfg.max_frame as u32,
+            head: a.info.head,
+        }))?;
+        self.t.set_max_frame(cfg.max_frame);
+        info!(
+            user = &*self.session.user,
+            device = &*self.session.device,
+            device_epoch = self.session.device_epoch,
+            transport = self.t.kind().as_str(),
+            start_seq = a.start,
+            head = a.info.head,
+            "session opened"
+        );
+        Ok(())
+    }
+
+    fn send(&mut self, f: Frame) -> Result<(), Close> {
+        self.t.send(&f).map_err(transport_close)
+    }
+
+    /// Streams `next..=head` within the credit window and the send buffer's room.
+    fn stream(&mut self) -> Result<(), Close> {
+        self.head = self.head.max(self.session.head());
+        let window = u64::from(self.shared.config.credit_window);
+        while self.next <= self.head {
+            let in_flight = self.next - 1 - self.acked;
+            if in_flight >= window || self.t.queued_bytes() >= OUT_HIGH_WATER {
+                break;
+            }
+            let room = (window - in_flight).min(READ_BATCH);
+            let to = self.head.min(self.next + room - 1);
+            let entries =
+                self.shared
+                    .store
+                    .read_range(&self.session.user, self.next, to, room as usize)?;
+            let Some(last) = entries.last() else {
+                // Nothing stored in [next, to]: compacted away. Continue from what is left.
+                let info = self.shared.store.inbox_info(&self.session.user)?;
+                if info.low > self.next {
+                    self.next = info.low;
+                    continue;
+                }
+                break;
+            };
+            let last_seq = last.seq;
+            let n = entries.len() as u64;
+            for e in entries {
+                self.t
+                    .send(&Frame::Deliver(pb::Deliver {
+                        entry: Some(to_pb(e)),
+                    }))
+                    .map_err(transport_close)?;
+            }
+            self.shared.metrics.messages_delivered.inc_by(n);
+            self.next = last_seq + 1;
+        }
+        Ok(())
+    }
+
+    fn on_signals(&mut self, bits: u8) -> Result<(), Close> {
+        if bits & SIG_REPLACED != 0 {
+            return Err(Close::Replaced);
+        }
+        if bits & SIG_SHUTDOWN != 0 {
+            return Err(Close::Shutdown);
+        }
+        if bits & SIG_REPLIES != 0 {
+            for reply in self.session.take_replies() {
+                self.inflight_sends = self.inflight_sends.saturating_sub(1);
+                self.send(reply)?;
+            }
+        }
+        // SIG_HEAD needs nothing here: the loop streams before it waits again.
+        let _ = bits & SIG_HEAD;
+        Ok(())
+    }
+
+    fn on_frame(&mut self, raw: RawFrame) -> Result<(), Close> {
+        let f = match frame::from_raw(&raw) {
+            Ok(f) => f,
+            Err(e) => return decode_close(e).map_or(Ok(()), Err),
+        };
+        match f {
+            Frame::Ping(ping) => self.on_ping(ping),
+            Frame::Send(send) => self.on_send(send),
+            Frame::Ack(ack) => self.on_ack(ack),
+            Frame::Sync(sync) => self.on_sync(sync),
+            Frame::Receipt(receipt) => self.on_receipt(receipt),
+            Frame::Pong(_) => Ok(()),
+            Frame::Error(e) => {
+                warn!(user = &*self.session.user, code = e.code, reason = %e.reason, "peer sent ERROR");
+                if e.fatal {
+                    Err(Close::PeerError(e.reason))
+                } else {
+                    Ok(())
+                }
+            }
+            Frame::Hello(_) => Err(Close::fatal(
+                ErrorCode::UnexpectedKind,
+                "second HELLO on a logged-in connection",
+            )),
+            other => Err(Close::fatal(
+                ErrorCode::UnexpectedKind,
+                format!(
+                    "{} is sent by servers, not clients",
+                    tether_proto::kind::name(frame::kind_of(&other))
+                ),
+            )),
+        }
+    }
+
+    fn on_ping(&mut self, ping: pb::Ping) -> Result<(), Close> {
+        let interval_ms = if ping.next_interval_ms > 0 {
+            self.shared.config.heartbeat.accept(ping.next_interval_ms).as_millis() as u32
+        } else {
+            0
+        };
+        // A lost head notification is harmless: PONG tells a lagging connection.
+        self.head = self.head.max(self.session.head());
+        let head = if self.next <= self.head { self.head } else { 0 };
+        self.send(Frame::Pong(pb::Pong { interval_ms, head }))
+    }
+
+    fn on_send(&mut self, send: pb::Send) -> Result<(), Close> {
+        let to = match send.target {
+            Some(pb::send::Target::User(user)) => user,
+            Some(pb::send::Target::Group(_)) => {
+                return self.reject_send(
+                    &send.client_msg_id,
+                    ErrorCode::Unsupported,
+                    "group targets are not offered by this server yet",
+                );
+            }
+            None => return Err(Close::fatal(ErrorCode::MissingField, "SEND without target")),
+        };
+        if to.len() > 128 {
+            return self.reject_send(
+                &send.client_msg_id,
+                ErrorCode::BadRequest,
+                "target user id longer than 128 bytes",
+            );
+        }
+        let me = self.session.user.to_string();
+        let append = AppendRequest {
+            client_msg_id: client_msg_id(&send.client_msg_id)?,
+            targets: vec![
+                InboxTarget {
+                    user: to.clone(),
+                    conversation: me.clone(),
+                },
+                InboxTarget {
+                    user: me.clone(),
+                    conversation: to,
+                },
+            ],
+            sender: me,
+            sender_device: self.session.device.to_string(),
+            body: send.body,
+            content_type: send.content_type,
+            kind: EntryKind::Message,
+            ts_ms: now_ms(),
+        };
+        self.submit(append)
+    }
+
+    fn submit(&mut self, append: AppendRequest) -> Result<(), Close> {
+        let request = CommitRequest {
+            append,
+            reply_to: self.session.clone(),
+            submitted: Instant::now(),
+        };
+        if !self.shared.commit.submit(request) {
+            return Err(Close::Shutdown);
+        }
+        self.inflight_sends += 1;
+        Ok(())
+    }
+
+    fn reject_send(&mut self, id: &bytes::Bytes, code: ErrorCode, reason: &str) -> Result<(), Close> {
+        self.shared.metrics.protocol_errors.inc();
+        let mut e = frame::error(code, reason, false);
+        if let Frame::Error(ref mut inner) = e {
+            inner.client_msg_id = id.clone();
+        }
+        self.send(e)
+    }
+
+    fn on_ack(&mut self, ack: pb::Ack) -> Result<(), Close> {
+        if ack.seq >= self.next {
+            self.shared.metrics.protocol_errors.inc();
+            return self.send(frame::error(
+                ErrorCode::BadRequest,
+                format!("ACK {} beyond the last DELIVER {}", ack.seq, self.next - 1),
+                false,
+            ));
+        }
+        if ack.seq > self.acked {
+            self.acked = ack.seq;
+            self.shared.commit.move_cursor(
+                &self.session.user,
+                &self.session.device,
+                DeviceCursor {
+                    inbox_epoch: self.inbox_epoch,
+                    acked_seq: ack.seq,
+                    last_seen_ms: now_ms(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn on_sync(&mut self, sync: pb::Sync) -> Result<(), Close> {
+        self.head = self.head.max(self.session.head());
+        let to_excl = if sync.to_seq == 0 { self.head + 1 } else { sync.to_seq.min(self.head + 1) };
+        let limit = match sync.limit {
+            0 => SYNC_BATCH,
+            n => n.min(SYNC_BATCH),
+        };
+        let mut done = pb::SyncDone {
+            entries: Vec::new(),
+            next_seq: to_excl.max(sync.from_seq),
+            head: self.head,
+        };
+        if sync.from_seq < to_excl {
+            let entries = self.shared.store.read_range(
+                &self.session.user,
+                sync.from_seq,
+                to_excl - 1,
+                limit as usize,
+            )?;
+            // Stay within the frame limit: stop before the batch would exceed it.
+            let budget = self.shared.config.max_frame.saturating_sub(64);
+            let returned = entries.len();
+            let mut size = 0usize;
+            let mut truncated = false;
+            for e in entries {
+                let entry = to_pb(e);
+                let len = prost::Message::encoded_len(&entry) + 8;
+                if size + len > budget && !done.entries.is_empty() {
+                    truncated = true;
+                    break;
+                }
+                size += len;
+                done.next_seq = entry.seq + 1;
+                done.entries.push(entry);
+            }
+            if !truncated && returned < limit as usize {
+                // Fewer than asked: nothing else is stored in the range.
+                done.next_seq = to_excl;
+            }
+        }
+        self.send(Frame::SyncDone(done))
+    }
+
+    fn on_receipt(&mut self, receipt: pb::Receipt) -> Result<(), Close> {
+        // A receipt is an entry in the peer's inbox (and ours, for our other devices),
+        // committed on the same path as messages. Its id is derived from its content,
+        // so repeating a receipt stores it once.
+        let me = self.session.user.to_string();
+        let body = prost::Message::encode_to_vec(&pb::Receipt {
+            conversation: me.clone(),
+            read_up_to: receipt.read_up_to,
+        });
+        let append = AppendRequest {
+            client_msg_id: receipt_id(&self.session.device, &receipt),
+            targets: vec![
+                InboxTarget {
+                    user: receipt.conversation.clone(),
+                    conversation: me.clone(),
+                },
+                InboxTarget {
+                    user: me.clone(),
+                    conversation: receipt.conversation,
+                },
+            ],
+            sender: me,
+            sender_device: self.session.device.to_string(),
+            body: body.into(),
+            content_type: "application/x-tether-receipt".into(),
+            kind: EntryKind::Receipt,
+            ts_ms: now_ms(),
+        };
+        self.submit(append)
+    }
+    /// Waits for the next thing to do, flushing queued bytes meanwhile.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.t.queued_bytes() > 0 {
+            if let Poll::Ready(Err(e)) = self.t.poll_flush(cx) {
+                return Poll::Ready(Event::Closed(transport_close(e)));
+            }
+        }
+        let bits = self.session.poll_signals(cx);
+        if bits != 0 {
+            return Poll::Ready(Event::Signals(bits));
+        }
+        // Backpressure: a peer that does not read, or floods sends, is not read from.
+        let max_inflight = self.shared.config.max_inflight_sends;
+        if self.t.queued_bytes() < OUT_HIGH_WATER && self.inflight_sends < max_inflight {
+            match self.t.poll_recv(cx) {
+                Poll::Ready(Ok(Some(raw))) => return Poll::Ready(Event::Frame(raw)),
+                Poll::Ready(Ok(None)) => {
+                    return Poll::Ready(Event::Closed(Close::Transport("peer closed".into())));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::Closed(transport_close(e))),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+}
+
+fn client_msg_id(bytes: &[u8]) -> Result<[u8; 16], Close> {
+    bytes.try_into().map_err(|_| {
+        Close::fatal(
+            ErrorCode::MissingField,
+            "client_msg_id must be 16 bytes",
+        )
+    })
+}
+
+/// A content-derived id for a receipt: the same receipt twice is stored once.
+fn receipt_id(device: &str, receipt: &pb::Receipt) -> [u8; 16] {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut id = [0u8; 16];
+    for (i, half) in id.chunks_mut(8).enumerate() {
+        let mut h = DefaultHasher::new();
+        (i, "receipt", device, &receipt.conversation, receipt.read_up_to).hash(&mut h);
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    id
+}
+
+/// The wire form of a stored entry.
+pub fn to_pb(e: StoredEntry) -> pb::Entry {
+    pb::Entry {
+        seq: e.seq,
+        message_id: e.message_id,
+        from: e.from,
+        from_device: e.from_device,
+        conversation: e.conversation,
+        body: e.body,
+        content_type: e.content_type,
+        ts_ms: e.ts_ms,
+        r#type: match e.kind {
+            EntryKind::Message => pb::EntryType::Message as i32,
+            EntryKind::Receipt => pb::EntryType::Receipt as i32,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(head: u64) -> InboxInfo {
+        InboxInfo {
+            epoch: 9,
+            head,
+            low: 1,
+        }
+    }
+    fn resume(inbox_epoch: u64, last_seq: u64) -> Option<pb::ResumePoint> {
+        Some(pb::ResumePoint {
+            inbox_epoch,
+            last_seq,
+        })
+    }
+    fn cursor(inbox_epoch: u64, acked_seq: u64) -> Option<DeviceCursor> {
+        Some(DeviceCursor {
+            inbox_epoch,
+            acked_seq,
+            last_seen_ms: 0,
+        })
+    }
+
+    #[test]
+    fn the_devices_own_resume_point_wins_over_the_server_cursor() {
+        let (start, changed) =
+            start_seq(info(50), resume(9, 40), cursor(9, 10), StartPolicy::Beginning).unwrap();
+        assert_eq!((start, changed), (41, false));
+    }
+
+    #[test]
+    fn without_a_resume_point_the_server_cursor_is_used() {
+        let (start, _) = start_seq(info(50), None, cursor(9, 10), StartPolicy::Head).unwrap();
+        assert_eq!(start, 11);
+    }
+
+    #[test]
+    fn resume_point_above_head_is_an_error_not_a_skip() {
+        assert!(matches!(
+            start_seq(info(50), resume(9, 51), None, StartPolicy::Beginning),
+            Err(Close::Fatal(ErrorCode::ResumeAheadOfHead, _))
+        ));
+    }
+
+    #[test]
+    fn resume_point_from_another_epoch_restarts_by_policy_and_says_so() {
+        let (start, changed) =
+            start_seq(info(50), resume(8, 45), cursor(9, 30), StartPolicy::Last(5)).unwrap();
+        assert_eq!((start, changed), (46, true));
+    }
+
+    #[test]
+    fn unknown_devices_start_by_policy() {
+        assert_eq!(start_seq(info(50), None, None, StartPolicy::Beginning).unwrap().0, 1);
+        assert_eq!(start_seq(info(50), None, None, StartPolicy::Head).unwrap().0, 51);
+        assert_eq!(start_seq(info(50), None, None, StartPolicy::Last(10)).unwrap().0, 41);
+        assert_eq!(start_seq(info(5), None, None, StartPolicy::Last(10)).unwrap().0, 1);
+        // A cursor from another epoch is ignored.
+        assert_eq!(start_seq(info(50), None, cursor(3, 20), StartPolicy::Head).unwrap().0, 51);
+    }
+
+    #[test]
+    fn compacted_entries_are_skipped_to_the_low_watermark() {
+        let compacted = InboxInfo { epoch: 9, head: 50, low: 30 };
+        assert_eq!(start_seq(compacted, resume(9, 10), None, StartPolicy::Beginning).unwrap().0, 30);
+    }
+}

@@ -1,0 +1,235 @@
+//! The Tether gateway.
+//!
+//! Owns: accepting connections on every transport ([`Server::bind`] for TCP,
+//! [`Server::connect_memory`] for the in-memory pipe), the per-connection loop
+//! ([`connection::serve`]), the session registry, the single commit path, auth and
+//! metrics. It does not own durability (tether-store) or the wire format
+//! (tether-proto), and it never queues messages per connection: delivery is by
+//! position in the recipient's inbox.
+//!
+//! Liveness deadlines beyond the login deadline, admission control and drain are the
+//! next slice's (DESIGN §4).
+
+pub mod auth;
+pub mod commit;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod registry;
+
+use crate::auth::Authenticator;
+use crate::commit::CommitPath;
+use crate::metrics::Metrics;
+use crate::registry::{Registry, SIG_SHUTDOWN};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tether_store::{EmbeddedStore, Store, StoreError};
+use tether_transport::memory::{self, MemoryTransport};
+use tether_transport::tcp::TcpTransport;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use config::{ServerConfig, StartPolicy};
+
+/// Directory under the data dir that holds the embedded store.
+pub const STORE_DIR: &str = "store";
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The token secret could not be loaded or created.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State every connection shares.
+pub struct Shared {
+    /// Settings.
+    pub config: ServerConfig,
+    /// Durable inboxes.
+    pub store: Arc<dyn Store>,
+    /// Who is connected.
+    pub registry: Arc<Registry>,
+    /// The single commit path.
+    pub commit: CommitPath,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Token verification.
+    pub auth: Authenticator,
+    /// Session id counter.
+    pub session_ids: AtomicU64,
+    /// Random per process start, so session ids differ across restarts.
+    pub boot_id: u32,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("listen", &self.config.listen)
+            .field("durability", &self.store.durability())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configured server, not yet listening. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Opens the embedded store and the token secret under `config.data_dir`.
+    pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        let store = EmbeddedStore::open(&config.data_dir.join(STORE_DIR), config.durability)?;
+        Self::with_store(config, Arc::new(store))
+    }
+
+    /// A server over an already opened store (tests: simulated disks).
+    pub fn with_store(config: ServerConfig, store: Arc<dyn Store>) -> Result<Self, ServerError> {
+        let auth = Authenticator::open(&config.data_dir)?;
+        let registry = Arc::new(Registry::default());
+        let metrics = Arc::new(Metrics::default());
+        let commit = CommitPath::start(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            config.max_commit_batch,
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                registry,
+                commit,
+                metrics,
+                auth,
+                session_ids: AtomicU64::new(1),
+                boot_id: rand::random(),
+            }),
+        })
+    }
+
+    /// The shared state (registry, metrics, store, auth).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Opens an in-memory connection served by this server; returns the client end.
+    /// Must be called inside a Tokio runtime.
+    pub fn connect_memory(&self) -> MemoryTransport {
+        let (client, server) = memory::pair(tether_proto::PRE_AUTH_MAX_FRAME);
+        tokio::spawn(connection::serve(self.shared.clone(), server));
+        client
+    }
+
+    /// Binds the TCP listener (and the HTTP endpoint, if configured) and starts serving.
+    pub async fn bind(&self) -> Result<RunningServer, ServerError> {
+        let cfg = &self.shared.config;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let http = match cfg.http {
+            Some(http) => Some(
+                metrics::serve_http(http, self.shared.metrics.clone())
+                    .await
+                    .map_err(|source| ServerError::Bind { addr: http, source })?,
+            ),
+            None => None,
+        };
+        let accept = tokio::spawn(accept_loop(listener, self.shared.clone()));
+        info!(
+            %addr,
+            http = ?http.as_ref().map(|h| h.0),
+            durability = %self.shared.store.durability(),
+            data = %cfg.data_dir.display(),
+            "tether server listening"
+        );
+        Ok(RunningServer {
+            server: self.clone(),
+            addr,
+            http_addr: http.as_ref().map(|h| h.0),
+            accept,
+            http: http.map(|h| h.1),
+        })
+    }
+
+    /// Closes every session, commits what was submitted and stops the commit path.
+    pub async fn shutdown(&self) {
+        self.shared.registry.signal_all(SIG_SHUTDOWN);
+        // Give connections a moment to hand their last sends to the commit path.
+        for _ in 0..50 {
+            if self.shared.registry.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.commit.stop()).await;
+    }
+}
+
+/// A server that is accepting connections.
+#[derive(Debug)]
+pub struct RunningServer {
+    server: Server,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Where /metrics is served.
+    pub http_addr: Option<SocketAddr>,
+    accept: JoinHandle<()>,
+    http: Option<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The server behind the listener.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// Stops accepting, closes sessions, flushes the store.
+    pub async fn shutdown(self) {
+        self.accept.abort();
+        if let Some(http) = &self.http {
+            http.abort();
+        }
+        self.server.shutdown().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                let transport = TcpTransport::accepted(stream, tether_proto::PRE_AUTH_MAX_FRAME);
+                tokio::spawn(connection::serve(shared.clone(), transport));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

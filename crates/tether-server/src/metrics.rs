@@ -1,0 +1,149 @@
+//! Prometheus metrics and the HTTP endpoint that serves them (`/metrics`, `/healthz`).
+
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The server's counters.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Connections accepted (all transports).
+    pub connections_accepted: Counter,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// Successful logins.
+    pub logins: Counter,
+    /// Refused logins (bad token, stale epoch, bad resume point, ...).
+    pub login_failures: Counter,
+    /// Messages newly committed.
+    pub messages_committed: Counter,
+    /// Resends answered from the dedup table.
+    pub duplicates: Counter,
+    /// DELIVER frames sent.
+    pub messages_delivered: Counter,
+    /// Protocol errors sent to peers.
+    pub protocol_errors: Counter,
+    /// Time from a SEND's arrival to its durable commit.
+    commit_latency: Histogram,
+    /// Messages per group commit.
+    commit_batch: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Self {
+            connections_accepted: Counter::default(),
+            connections_open: Gauge::default(),
+            logins: Counter::default(),
+            login_failures: Counter::default(),
+            messages_committed: Counter::default(),
+            duplicates: Counter::default(),
+            messages_delivered: Counter::default(),
+            protocol_errors: Counter::default(),
+            commit_latency: Histogram::new(
+                [
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+                ]
+                .into_iter(),
+            ),
+            commit_batch: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0].into_iter()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_accepted",
+            "Connections accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register("connections_open", "Connections open", m.connections_open.clone());
+        registry.register("logins", "Successful logins", m.logins.clone());
+        registry.register("login_failures", "Refused logins", m.login_failures.clone());
+        registry.register(
+            "messages_committed",
+            "Messages durably committed",
+            m.messages_committed.clone(),
+        );
+        registry.register(
+            "duplicate_sends",
+            "Resends answered with the original SEND_ACK",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "DELIVER frames sent",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "ERROR frames sent to peers",
+            m.protocol_errors.clone(),
+        );
+        registry.register(
+            "commit_latency_seconds",
+            "Time from SEND arrival to durable commit",
+            m.commit_latency.clone(),
+        );
+        registry.register(
+            "commit_batch_messages",
+            "Messages per group commit",
+            m.commit_batch.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Records one send's commit latency.
+    pub fn observe_commit_latency(&self, d: Duration) {
+        self.commit_latency.observe(d.as_secs_f64());
+    }
+
+    /// Records a group commit of `n` messages.
+    pub fn observe_batch(&self, n: usize, _took: Duration) {
+        self.commit_batch.observe(n as f64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// Binds the HTTP endpoint; returns its address and the task serving it.
+pub async fn serve_http(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP endpoint failed");
+        }
+    });
+    Ok((local, task))
+}

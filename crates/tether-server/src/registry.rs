@@ -1,0 +1,246 @@
+//! Who is connected: user → devices → session, and each session's mailbox of signals.
+//!
+//! A session is small on purpose (DESIGN §10): no channel, no buffer. The commit path
+//! and the registry talk to a connection by setting bits in [`Session::signals`],
+//! storing the newest inbox head, or pushing a reply, then waking its task.
+
+use atomic_waker::AtomicWaker;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::Context;
+use tether_proto::Frame;
+
+/// Signal bit: the inbox head moved.
+pub const SIG_HEAD: u8 = 1;
+/// Signal bit: replies wait in [`Session::replies`].
+pub const SIG_REPLIES: u8 = 2;
+/// Signal bit: a newer login of this device replaced this session.
+pub const SIG_REPLACED: u8 = 4;
+/// Signal bit: the server is shutting down.
+pub const SIG_SHUTDOWN: u8 = 8;
+
+/// A logged-in connection as the rest of the server sees it.
+#[derive(Debug)]
+pub struct Session {
+    /// User id.
+    pub user: Arc<str>,
+    /// Device id.
+    pub device: Box<str>,
+    /// Device epoch of this login.
+    pub device_epoch: u64,
+    head: AtomicU64,
+    signals: AtomicU8,
+    waker: AtomicWaker,
+    replies: Mutex<VecDeque<Frame>>,
+}
+
+impl Session {
+    /// A session with no signals.
+    pub fn new(user: Arc<str>, device: Box<str>, device_epoch: u64) -> Self {
+        Self {
+            user,
+            device,
+            device_epoch,
+            head: AtomicU64::new(0),
+            signals: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
+            replies: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Raises signal bits and wakes the connection.
+    pub fn signal(&self, bits: u8) {
+        self.signals.fetch_or(bits, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// Records a new inbox head (never moves back) and wakes the connection.
+    pub fn notify_head(&self, head: u64) {
+        self.head.fetch_max(head, Ordering::AcqRel);
+        self.signal(SIG_HEAD);
+    }
+
+    /// The newest head notified.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    /// Queues a frame for the connection to send (commit results) and wakes it.
+    pub fn push_reply(&self, frame: Frame) {
+        self.replies.lock().push_back(frame);
+        self.signal(SIG_REPLIES);
+    }
+
+    /// Takes all queued replies, releasing the queue's memory.
+    pub fn take_replies(&self) -> VecDeque<Frame> {
+        std::mem::take(&mut *self.replies.lock())
+    }
+
+    /// Takes the raised signals, registering the task's waker if there are none.
+    pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
+        let bits = self.signals.swap(0, Ordering::AcqRel);
+        if bits != 0 {
+            return bits;
+        }
+        self.waker.register(cx.waker());
+        self.signals.swap(0, Ordering::AcqRel)
+    }
+}
+
+/// Outcome of registering a login.
+#[derive(Debug)]
+pub enum Registered {
+    /// First login of this device.
+    Fresh,
+    /// An older login of the same device was replaced; it has been signalled.
+    Replaced(Arc<Session>),
+}
+
+/// A login refused because a newer one of the same device is active.
+#[derive(Debug)]
+pub struct StaleEpoch {
+    /// The active login's epoch.
+    pub active: u64,
+}
+
+const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<Arc<str>, Vec<Arc<Session>>>>;
+
+/// Sharded map user → sessions (one per device).
+#[derive(Debug)]
+pub struct Registry {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl Registry {
+    fn shard(&self, user: &str) -> &Shard {
+        let mut h = self.hasher.build_hasher();
+        user.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Adds a login. A newer (or equal) device epoch replaces the active login of the
+    /// device; an older one is refused and never evicts the newer.
+    pub fn register(&self, session: &Arc<Session>) -> Result<Registered, StaleEpoch> {
+        let mut shard = self.shard(&session.user).lock();
+        let devices = shard.entry(session.user.clone()).or_default();
+        if let Some(slot) = devices.iter_mut().find(|s| s.device == session.device) {
+            if slot.device_epoch > session.device_epoch {
+                return Err(StaleEpoch {
+                    active: slot.device_epoch,
+                });
+            }
+            let old = std::mem::replace(slot, session.clone());
+            drop(shard);
+            old.signal(SIG_REPLACED);
+            return Ok(Registered::Replaced(old));
+        }
+        devices.push(session.clone());
+        Ok(Registered::Fresh)
+    }
+
+    /// Removes `session` if it is still the registered one for its device.
+    pub fn unregister(&self, session: &Arc<Session>) {
+        let mut shard = self.shard(&session.user).lock();
+        if let Some(devices) = shard.get_mut(&session.user) {
+            devices.retain(|s| !Arc::ptr_eq(s, session));
+            if devices.is_empty() {
+                shard.remove(&session.user);
+            }
+        }
+    }
+
+    /// Tells every session of `user` that its inbox head is now `head`.
+    pub fn notify_head(&self, user: &str, head: u64) {
+        let shard = self.shard(user).lock();
+        if let Some(devices) = shard.get(user) {
+            for s in devices {
+                s.notify_head(head);
+            }
+        }
+    }
+
+    /// Signals every session (e.g. shutdown).
+    pub fn signal_all(&self, bits: u8) {
+        for shard in self.shards.iter() {
+            for devices in shard.lock().values() {
+                for s in devices {
+                    s.signal(bits);
+                }
+            }
+        }
+    }
+
+    /// Number of registered sessions.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().values().map(Vec::len).sum::<usize>())
+            .sum()
+    }
+
+    /// True when nobody is logged in.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(user: &str, device: &str, epoch: u64) -> Arc<Session> {
+        Arc::new(Session::new(user.into(), device.into(), epoch))
+    }
+
+    #[test]
+    fn newer_device_epoch_replaces_and_signals_the_older() {
+        let r = Registry::default();
+        let old = session("alice", "phone", 1);
+        let new = session("alice", "phone", 2);
+        assert!(matches!(r.register(&old), Ok(Registered::Fresh)));
+        assert!(matches!(r.register(&new), Ok(Registered::Replaced(_))));
+        assert_eq!(old.signals.load(Ordering::Acquire) & SIG_REPLACED, SIG_REPLACED);
+        // The replaced one leaving does not remove the newer.
+        r.unregister(&old);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn older_device_epoch_never_evicts_a_newer() {
+        let r = Registry::default();
+        let new = session("alice", "phone", 5);
+        r.register(&new).unwrap();
+        let stale = session("alice", "phone", 4);
+        assert!(matches!(r.register(&stale), Err(StaleEpoch { active: 5 })));
+        assert_eq!(new.signals.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn devices_of_one_user_coexist_and_all_see_heads() {
+        let r = Registry::default();
+        let a = session("bob", "laptop", 1);
+        let b = session("bob", "phone", 1);
+        r.register(&a).unwrap();
+        r.register(&b).unwrap();
+        r.notify_head("bob", 7);
+        assert_eq!((a.head(), b.head()), (7, 7));
+        r.notify_head("bob", 3);
+        assert_eq!(a.head(), 7, "heads never move back");
+    }
+}

@@ -1,0 +1,238 @@
+//! The server's whole path over the in-memory transport: login, commit, position
+//! streaming, resume, dedup, kick, SYNC. Raw protocol, no SDK.
+
+use bytes::Bytes;
+use std::time::Duration;
+use tether_proto::{Frame, frame, pb};
+use tether_server::{Server, ServerConfig};
+use tether_transport::memory::MemoryTransport;
+use tether_transport::{Transport, flush, recv};
+
+struct Fixture {
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(config: impl FnOnce(&mut ServerConfig)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig {
+        data_dir: dir.path().to_path_buf(),
+        http: None,
+        ..ServerConfig::default()
+    };
+    config(&mut cfg);
+    Fixture {
+        server: Server::open(cfg).unwrap(),
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    fn token(&self, user: &str) -> String {
+        self.server.shared().auth.mint(user, Duration::from_secs(600))
+    }
+
+    async fn hello(&self, user: &str, device: &str, epoch: u64, resume: Option<(u64, u64)>) -> (MemoryTransport, Vec<Frame>) {
+        let mut t = self.server.connect_memory();
+        t.send(&Frame::Hello(pb::Hello {
+            version: 1,
+            token: self.token(user),
+            device_id: device.into(),
+            device_epoch: epoch,
+            resume: resume.map(|(inbox_epoch, last_seq)| pb::ResumePoint { inbox_epoch, last_seq }),
+            ..Default::default()
+        }))
+        .unwrap();
+        flush(&mut t).await.unwrap();
+        let mut before = Vec::new();
+        loop {
+            let f = next(&mut t).await.expect("closed during login");
+            match f {
+                Frame::Welcome(_) | Frame::Error(pb::Error { fatal: true, .. }) => {
+                    before.push(f);
+                    return (t, before);
+                }
+                other => before.push(other),
+            }
+        }
+    }
+
+    async fn login(&self, user: &str, device: &str) -> (MemoryTransport, pb::Welcome) {
+        let (t, frames) = self.hello(user, device, 1, None).await;
+        match frames.last() {
+            Some(Frame::Welcome(w)) => (t, w.clone()),
+            other => panic!("login failed: {other:?}"),
+        }
+    }
+}
+
+async fn next(t: &mut MemoryTransport) -> Option<Frame> {
+    let raw = tokio::time::timeout(Duration::from_secs(5), recv(t))
+        .await
+        .expect("no frame within 5 s")
+        .ok()??;
+    Some(frame::from_raw(&raw).unwrap())
+}
+
+fn send(to: &str, n: u32) -> Frame {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&n.to_le_bytes());
+    Frame::Send(pb::Send {
+        client_msg_id: Bytes::copy_from_slice(&id),
+        target: Some(pb::send::Target::User(to.into())),
+        body: Bytes::from(format!("msg {n}")),
+        content_type: "text/plain".into(),
+    })
+}
+
+async fn send_all(t: &mut MemoryTransport, to: &str, range: std::ops::Range<u32>) -> Vec<pb::SendAck> {
+    let n = range.len();
+    for i in range {
+        t.send(&send(to, i)).unwrap();
+    }
+    flush(t).await.unwrap();
+    let mut acks = Vec::new();
+    while acks.len() < n {
+        match next(t).await.unwrap() {
+            Frame::SendAck(a) => acks.push(a),
+            Frame::Deliver(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    acks
+}
+
+async fn deliveries(t: &mut MemoryTransport, n: usize) -> Vec<pb::Entry> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        if let Frame::Deliver(d) = next(t).await.unwrap() {
+            let e = d.entry.unwrap();
+            t.send(&Frame::Ack(pb::Ack { seq: e.seq })).unwrap();
+            flush(t).await.unwrap();
+            got.push(e);
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn offline_recipient_gets_everything_in_order_and_sender_devices_see_their_sends() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    let acks = send_all(&mut alice, "bob", 0..100).await;
+    assert!(acks.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    let (mut bob, welcome) = f.login("bob", "phone").await;
+    assert_eq!((welcome.start_seq, welcome.head), (1, 100));
+    let got = deliveries(&mut bob, 100).await;
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+    assert_eq!(got[41].body, Bytes::from("msg 41"));
+    assert_eq!(got[0].from, "alice");
+
+    let (mut alice2, _) = f.login("alice", "tablet").await;
+    let mine = deliveries(&mut alice2, 100).await;
+    assert!(mine.iter().all(|e| e.from == "alice" && e.conversation == "bob"));
+}
+
+#[tokio::test]
+async fn live_messages_stream_to_a_connected_recipient() {
+    let f = fixture(|_| {});
+    let (mut bob, _) = f.login("bob", "phone").await;
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..10).await;
+    let got = deliveries(&mut bob, 10).await;
+    assert_eq!(got.last().unwrap().seq, 10);
+}
+
+#[tokio::test]
+async fn resend_of_a_client_msg_id_is_stored_once_and_gets_the_original_ack() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    let first = send_all(&mut alice, "bob", 5..6).await;
+    let again = send_all(&mut alice, "bob", 5..6).await;
+    assert_eq!(first, again);
+    let (_bob, welcome) = f.login("bob", "phone").await;
+    assert_eq!(welcome.head, 1);
+}
+
+#[tokio::test]
+async fn device_resumes_from_its_own_point_and_server_cursor() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..20).await;
+    let (mut bob, welcome) = f.login("bob", "phone").await;
+    deliveries(&mut bob, 20).await;
+    drop(bob);
+    // Own resume point wins.
+    let (_t, frames) = f.hello("bob", "phone", 2, Some((welcome.inbox_epoch, 12))).await;
+    let Some(Frame::Welcome(w)) = frames.last() else { panic!("{frames:?}") };
+    assert_eq!(w.start_seq, 13);
+    drop(_t);
+    // Without one, the server cursor (moved by ACKs, flushed within 200 ms).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_t, frames) = f.hello("bob", "phone", 3, None).await;
+    let Some(Frame::Welcome(w)) = frames.last() else { panic!("{frames:?}") };
+    assert_eq!(w.start_seq, 21);
+}
+
+#[tokio::test]
+async fn bad_resume_points_are_errors_not_silent_skips() {
+    let f = fixture(|_| {});
+    let (mut alice, welcome) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..3).await;
+    let (_t, frames) = f.hello("bob", "phone", 1, Some((welcome.inbox_epoch, 4))).await;
+    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::ResumeAheadOfHead as i32));
+    let (_t, frames) = f.hello("bob", "phone", 2, Some((welcome.inbox_epoch ^ 1, 2))).await;
+    assert!(matches!(&frames[0], Frame::Error(e) if e.code == pb::ErrorCode::InboxEpochChanged as i32 && !e.fatal));
+    assert!(matches!(frames.last(), Some(Frame::Welcome(w)) if w.start_seq == 1));
+}
+
+#[tokio::test]
+async fn newer_login_kicks_older_and_older_never_evicts_newer() {
+    let f = fixture(|_| {});
+    let (mut old, _) = f.hello("bob", "phone", 5, None).await;
+    let (_new, frames) = f.hello("bob", "phone", 6, None).await;
+    assert!(matches!(frames.last(), Some(Frame::Welcome(_))));
+    assert!(matches!(next(&mut old).await, Some(Frame::Kick(k)) if k.reason == pb::KickReason::Replaced as i32));
+    let (_stale, frames) = f.hello("bob", "phone", 4, None).await;
+    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::StaleDeviceEpoch as i32));
+}
+
+#[tokio::test]
+async fn sync_reads_history_in_bounded_batches() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..300).await;
+    let (mut bob, _) = f.login("bob", "phone").await;
+    bob.send(&Frame::Sync(pb::Sync { from_seq: 1, to_seq: 0, limit: 1000 })).unwrap();
+    flush(&mut bob).await.unwrap();
+    let done = loop {
+        if let Frame::SyncDone(d) = next(&mut bob).await.unwrap() {
+            break d;
+        }
+    };
+    assert_eq!(done.entries.len(), 256);
+    assert_eq!(done.next_seq, 257);
+    assert_eq!(done.head, 300);
+}
+
+#[tokio::test]
+async fn credit_window_bounds_unacked_deliveries() {
+    let f = fixture(|c| c.credit_window = 8);
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..50).await;
+    let (mut bob, _) = f.login("bob", "phone").await;
+    let mut got = 0;
+    while let Ok(Some(Ok(Some(raw)))) = tokio::time::timeout(Duration::from_millis(200), recv(&mut bob)).await.map(Some) {
+        if raw.kind == tether_proto::kind::DELIVER {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 8, "exactly the window, then the stream waits for ACKs");
+    bob.send(&Frame::Ack(pb::Ack { seq: 8 })).unwrap();
+    flush(&mut bob).await.unwrap();
+    let more = deliveries(&mut bob, 42).await;
+    assert_eq!(more.first().unwrap().seq, 9);
+    assert_eq!(more.last().unwrap().seq, 50);
+}

@@ -1,0 +1,514 @@
+//! `tether bench`: the numbers behind DESIGN §8, measured on this machine.
+//!
+//! Each benchmark runs a real server in this process (its own data dir in a temp
+//! directory) and drives it with lean protocol clients written directly against
+//! tether-proto and tether-transport, so the load generator costs little. Results
+//! print as one JSON object per run; BENCHMARKS.md records them with machine, date
+//! and load.
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tether_proto::{Frame, frame, pb};
+use tether_server::{Server, ServerConfig};
+use tether_store::Durability;
+use tether_transport::{Transport, flush, recv};
+use tether_transport::tcp::TcpTransport;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Subcommand)]
+enum Which {
+    /// Frame encode + decode rate.
+    Codec {
+        /// Frames per kind.
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: u64,
+    },
+    /// One sender → one receiver over TCP loopback, pipelined: messages per second.
+    Throughput {
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        /// Sends in flight (un-acknowledged) at once.
+        #[arg(long, default_value_t = 2048)]
+        window: usize,
+        #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+        durability: Durability,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 64)]
+        body: usize,
+    },
+    /// Many pairs at a fixed total rate: send → deliver latency percentiles.
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        pairs: usize,
+        /// Messages per second in total.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+        durability: Durability,
+    },
+    /// Server memory per idle authenticated session over the in-memory transport.
+    Memory {
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+    },
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "fsync" => Ok(Durability::Fsync),
+        "relaxed" => Ok(Durability::Relaxed),
+        _ => Err(format!("`{s}`: expected fsync or relaxed")),
+    }
+}
+
+pub async fn run(args: BenchArgs) -> ExitCode {
+    let result = match args.which {
+        Which::Codec { frames } => codec(frames),
+        Which::Throughput {
+            messages,
+            window,
+            durability,
+            body,
+        } => throughput(messages, window, durability, body).await,
+        Which::Latency {
+            pairs,
+            rate,
+            seconds,
+            durability,
+        } => latency(pairs, rate, seconds, durability).await,
+        Which::Memory { sessions } => memory(sessions).await,
+    };
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BenchResult = Result<serde_json::Value, String>;
+
+fn codec(frames: u64) -> BenchResult {
+    let samples: Vec<(&str, Frame)> = vec![
+        ("ping", Frame::Ping(pb::Ping::default())),
+        (
+            "send_64B",
+            Frame::Send(pb::Send {
+                client_msg_id: Bytes::from(vec![7u8; 16]),
+                target: Some(pb::send::Target::User("bob".into())),
+                body: Bytes::from(vec![b'x'; 64]),
+                content_type: String::new(),
+            }),
+        ),
+        (
+            "deliver_64B",
+            Frame::Deliver(pb::Deliver {
+                entry: Some(pb::Entry {
+                    seq: 123_456,
+                    message_id: 987_654,
+                    from: "alice".into(),
+                    from_device: "phone".into(),
+                    conversation: "alice".into(),
+                    body: Bytes::from(vec![b'x'; 64]),
+                    content_type: String::new(),
+                    ts_ms: 1_790_000_000_000,
+                    r#type: 1,
+                }),
+            }),
+        ),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, f) in samples {
+        let mut wire = Vec::with_capacity(1 << 20);
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        let mut n = 0u64;
+        while n < frames {
+            wire.clear();
+            for _ in 0..1000 {
+                frame::encode_to(&f, &mut wire);
+            }
+            let mut rest = &wire[..];
+            while let Ok(Some((raw, used))) = tether_proto::decode_frame(rest, 1 << 20) {
+                let decoded = frame::from_raw(&raw).map_err(|e| e.to_string())?;
+                std::hint::black_box(&decoded);
+                rest = &rest[used..];
+                n += 1;
+            }
+            bytes += wire.len() as u64;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        out.insert(
+            name.into(),
+            serde_json::json!({
+                "frames_per_sec": (n as f64 / secs).round(),
+                "mb_per_sec": ((bytes as f64 / secs) / 1e6 * 10.0).round() / 10.0,
+                "wire_bytes": wire.len() / 1000,
+            }),
+        );
+    }
+    Ok(serde_json::json!({"bench": "codec", "encode_and_decode": out}))
+}
+
+/// A started server in a temp dir, with a way to mint tokens.
+struct BenchServer {
+    running: tether_server::RunningServer,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchServer {
+    async fn start(durability: Durability) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let config = ServerConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+            http: None,
+            durability,
+            ..ServerConfig::default()
+        };
+        let server = Server::open(config).map_err(|e| e.to_string())?;
+        let running = server.bind().await.map_err(|e| e.to_string())?;
+        Ok(Self { running, _dir: dir })
+    }
+
+    fn token(&self, user: &str) -> String {
+        self.running
+            .server()
+            .shared()
+            .auth
+            .mint(user, Duration::from_secs(3600))
+    }
+
+    async fn login(&self, user: &str, device: &str) -> Result<TcpTransport, String> {
+        let mut t = TcpTransport::connect(self.running.addr, 1 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        login(&mut t, &self.token(user), device).await?;
+        Ok(t)
+    }
+}
+
+/// Sends HELLO and waits for WELCOME.
+async fn login<T: Transport>(t: &mut T, token: &str, device: &str) -> Result<pb::Welcome, String> {
+    t.send(&Frame::Hello(pb::Hello {
+        version: 1,
+        token: token.into(),
+        device_id: device.into(),
+        device_epoch: 1,
+        ..Default::default()
+    }))
+    .map_err(|e| e.to_string())?;
+    flush(t).await.map_err(|e| e.to_string())?;
+    loop {
+        let raw = recv(t)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("closed during login")?;
+        match frame::from_raw(&raw).map_err(|e| e.to_string())? {
+            Frame::Welcome(w) => return Ok(w),
+            Frame::Error(e) => return Err(format!("login refused: {}", e.reason)),
+            _ => {}
+        }
+    }
+}
+
+fn send_frame(to: &str, id: u64, body: Bytes) -> Frame {
+    let mut cmid = [0u8; 16];
+    cmid[..8].copy_from_slice(&id.to_le_bytes());
+    cmid[8..].copy_from_slice(&rand::random::<u64>().to_le_bytes());
+    Frame::Send(pb::Send {
+        client_msg_id: Bytes::copy_from_slice(&cmid),
+        target: Some(pb::send::Target::User(to.into())),
+        body,
+        content_type: String::new(),
+    })
+}
+
+async fn throughput(messages: u64, window: usize, durability: Durability, body: usize) -> BenchResult {
+    let server = BenchServer::start(durability).await?;
+    let mut sender = server.login("alice", "bench").await?;
+    let mut receiver = server.login("bob", "bench").await?;
+    let body = Bytes::from(vec![b'x'; body]);
+
+    let receiving = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut last = 0u64;
+        while got < messages {
+            let raw = recv(&mut receiver)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("receiver closed")?;
+            if let Frame::Deliver(d) = frame::from_raw(&raw).map_err(|e| e.to_string())? {
+                let seq = d.entry.map(|e| e.seq).unwrap_or(0);
+                if seq != last + 1 {
+                    return Err(format!("gap: {last} then {seq}"));
+                }
+                last = seq;
+                got += 1;
+                if got % 128 == 0 || got == messages {
+                    receiver
+                        .send(&Frame::Ack(pb::Ack { seq }))
+                        .map_err(|e| e.to_string())?;
+                    flush(&mut receiver).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        Ok::<_, String>(Instant::now())
+    });
+
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut acked = 0u64;
+    while acked < messages {
+        while sent < messages && (sent - acked) < window as u64 {
+            sender
+                .send(&send_frame("bob", sent, body.clone()))
+                .map_err(|e| e.to_string())?;
+            sent += 1;
+        }
+        flush(&mut sender).await.map_err(|e| e.to_string())?;
+        let raw = recv(&mut sender)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("sender closed")?;
+        match frame::from_raw(&raw).map_err(|e| e.to_string())? {
+            Frame::SendAck(_) => acked += 1,
+            Frame::Error(e) => return Err(format!("send refused: {}", e.reason)),
+            _ => {}
+        }
+    }
+    let acked_at = Instant::now();
+    let received_at = receiving.await.map_err(|e| e.to_string())??;
+    let secs = (received_at.max(acked_at) - started).as_secs_f64();
+    let metrics = &server.running.server().shared().metrics;
+    let committed = metrics.messages_committed.get();
+    server.running.shutdown().await;
+    Ok(serde_json::json!({
+        "bench": "throughput",
+        "durability": durability.to_string(),
+        "messages": messages,
+        "window": window,
+        "seconds": (secs * 1000.0).round() / 1000.0,
+        "msgs_per_sec": (messages as f64 / secs).round(),
+        "committed": committed,
+    }))
+}
+
+async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) -> BenchResult {
+    let server = Arc::new(BenchServer::start(durability).await?);
+    let epoch = Instant::now();
+    let total = rate * seconds;
+    let per_pair_interval = Duration::from_secs_f64(pairs as f64 / rate as f64);
+    let samples = Arc::new(parking_samples(total as usize));
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..pairs {
+        let mut rx = server.login(&format!("r{i}"), "bench").await?;
+        let tx = server.login(&format!("s{i}"), "bench").await?;
+        let samples = samples.clone();
+        receivers.push(tokio::spawn(async move {
+            loop {
+                let raw = match recv(&mut rx).await {
+                    Ok(Some(raw)) => raw,
+                    _ => return,
+                };
+                if let Ok(Frame::Deliver(d)) = frame::from_raw(&raw) {
+                    let Some(entry) = d.entry else { continue };
+                    let sent_ns = entry
+                        .body
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_le_bytes)
+                        .unwrap_or(0);
+                    let now_ns = epoch.elapsed().as_nanos() as u64;
+                    samples.push(now_ns.saturating_sub(sent_ns));
+                    let _ = rx.send(&Frame::Ack(pb::Ack { seq: entry.seq }));
+                    let _ = flush(&mut rx).await;
+                }
+            }
+        }));
+        senders.push(tx);
+    }
+    let mut tasks = Vec::new();
+    let per_pair = total / pairs as u64;
+    for (i, mut tx) in senders.into_iter().enumerate() {
+        let offset = per_pair_interval.mul_f64(i as f64 / pairs as f64);
+        tasks.push(tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + offset;
+            let mut ticker = tokio::time::interval_at(start, per_pair_interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut acks = 0u64;
+            for n in 0..per_pair {
+                ticker.tick().await;
+                let now_ns = epoch.elapsed().as_nanos() as u64;
+                let mut body = now_ns.to_le_bytes().to_vec();
+                body.resize(64, b'x');
+                if tx
+                    .send(&send_frame(&format!("r{i}"), n, Bytes::from(body)))
+                    .is_err()
+                {
+                    return acks;
+                }
+                if flush(&mut tx).await.is_err() {
+                    return acks;
+                }
+                // Drain SEND_ACKs without blocking the schedule.
+                while let Ok(Some(raw)) =
+                    tokio::time::timeout(Duration::from_micros(1), recv(&mut tx)).await.unwrap_or(Ok(None))
+                {
+                    if raw.kind == tether_proto::kind::SEND_ACK {
+                        acks += 1;
+                    }
+                }
+            }
+            acks
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Let the last deliveries land.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (samples.len() as u64) < per_pair * pairs as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in receivers {
+        r.abort();
+    }
+    let mut lat = samples.take();
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        (lat[i] as f64 / 1e3).round() / 1e3
+    };
+    Ok(serde_json::json!({
+        "bench": "latency",
+        "durability": durability.to_string(),
+        "pairs": pairs,
+        "rate_per_sec": rate,
+        "expected": per_pair * pairs as u64,
+        "delivered": lat.len(),
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "p999_ms": pct(0.999),
+        "max_ms": pct(1.0),
+    }))
+}
+
+/// Latency samples collected from many tasks.
+struct Samples {
+    inner: std::sync::Mutex<Vec<u64>>,
+    count: AtomicU64,
+}
+
+fn parking_samples(capacity: usize) -> Samples {
+    Samples {
+        inner: std::sync::Mutex::new(Vec::with_capacity(capacity)),
+        count: AtomicU64::new(0),
+    }
+}
+
+impl Samples {
+    fn push(&self, v: u64) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.push(v);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+    fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed) as usize
+    }
+    fn take(&self) -> Vec<u64> {
+        self.inner
+            .lock()
+            .map(|mut g| std::mem::take(&mut *g))
+            .unwrap_or_default()
+    }
+}
+
+/// Resident set size of this process, bytes.
+fn rss_bytes() -> Result<u64, String> {
+    let statm = std::fs::read_to_string("/proc/self/statm").map_err(|e| e.to_string())?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or("bad /proc/self/statm")?;
+    Ok(pages * 4096)
+}
+
+async fn memory(sessions: usize) -> BenchResult {
+    let server = BenchServer::start(Durability::Fsync).await?;
+    let srv = server.running.server().clone();
+    let token = server.token("warmup");
+    // Warm up allocator pools, the runtime and the store's caches.
+    let mut warm = Vec::new();
+    for i in 0..1000 {
+        let mut t = srv.connect_memory();
+        login(&mut t, &token, &format!("w{i}")).await?;
+        warm.push(t);
+    }
+
+    // Phase A: the client simulator's own cost: pipes with only their client ends held
+    // (the server end is dropped; the shared pipe lives on), measured and subtracted.
+    let before_pipes = rss_bytes()?;
+    let mut pipes = Vec::with_capacity(sessions);
+    for _ in 0..sessions {
+        let (client, server_end) = tether_transport::memory::pair(tether_proto::PRE_AUTH_MAX_FRAME);
+        drop(server_end);
+        pipes.push(client);
+    }
+    let pipes_bytes = rss_bytes()?.saturating_sub(before_pipes);
+
+    // Phase B: the same number of real sessions, each logged in and idle.
+    let tokens: Vec<String> = (0..sessions / 100 + 1)
+        .map(|i| server.token(&format!("u{i}")))
+        .collect();
+    let mut clients = Vec::with_capacity(sessions);
+    let before = rss_bytes()?;
+    let started = Instant::now();
+    for i in 0..sessions {
+        let mut t = srv.connect_memory();
+        login(&mut t, &tokens[i / 100], &format!("d{}", i % 100)).await?;
+        clients.push(t);
+    }
+    let login_secs = started.elapsed().as_secs_f64();
+    // Let every connection task settle into its idle wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = rss_bytes()?.saturating_sub(before);
+    let registered = srv.shared().registry.len();
+    let per_session_total = total as f64 / sessions as f64;
+    let per_pipe = pipes_bytes as f64 / sessions as f64;
+    drop(pipes);
+    Ok(serde_json::json!({
+        "bench": "memory",
+        "transport": "memory",
+        "sessions": sessions,
+        "registered": registered,
+        "login_rate_per_sec": (sessions as f64 / login_secs).round(),
+        "rss_delta_bytes": total,
+        "bytes_per_session_including_pipe_and_client_end": per_session_total.round(),
+        "bytes_per_pipe_and_client_end": per_pipe.round(),
+        "server_bytes_per_session": (per_session_total - per_pipe).round(),
+        "method": "RSS delta over N logged-in idle in-memory sessions, minus the RSS delta of N bare pipes (the simulated wire + client end, measured separately in the same process)",
+    }))
+}

@@ -1,0 +1,175 @@
+//! `tether`: run a server, mint tokens, send and receive from the command line,
+//! and run the benchmarks.
+
+mod bench;
+mod client_cmds;
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tether_server::{Server, ServerConfig, StartPolicy};
+use tether_store::Durability;
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "Tether: IM long connections that stay alive and lose nothing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server with the embedded store.
+    Serve(ServeArgs),
+    /// Print a login token for a user (signed with the data dir's secret).
+    Token(TokenArgs),
+    /// Send one message; exits 0 only after the server's SEND_ACK.
+    Send(client_cmds::SendArgs),
+    /// Print delivered messages as JSON lines and acknowledge them.
+    Recv(client_cmds::RecvArgs),
+    /// Interactive terminal chat with one peer.
+    Chat(client_cmds::ChatArgs),
+    /// Benchmarks (codec, throughput, latency, memory per session).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Data directory (store and token secret).
+    #[arg(long, default_value = "tether-data")]
+    data: PathBuf,
+    /// Address for client connections.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Address for HTTP (/metrics, /healthz).
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    http: SocketAddr,
+    /// `fsync` (acknowledged = on disk, survives power loss) or `relaxed` (written to
+    /// the OS: survives a crash of the server, not a power cut).
+    #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+    durability: Durability,
+    /// Where a device that never connected starts: `beginning`, `head` or `last:N`.
+    #[arg(long, default_value = "beginning")]
+    start_policy: StartPolicy,
+    /// Milliseconds a new connection has to send HELLO.
+    #[arg(long, default_value_t = 10_000)]
+    login_deadline_ms: u64,
+    /// Largest frame after login, bytes.
+    #[arg(long, default_value_t = tether_proto::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+    /// Most un-ACKed DELIVERs per connection.
+    #[arg(long, default_value_t = 256)]
+    credit_window: u32,
+    /// Days messages (and their dedup keys) are kept.
+    #[arg(long, default_value_t = 30)]
+    retention_days: u64,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The user id (the token's `sub`).
+    user: String,
+    /// Data directory holding the secret (created if missing).
+    #[arg(long, default_value = "tether-data")]
+    data: PathBuf,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "fsync" => Ok(Durability::Fsync),
+        "relaxed" => Ok(Durability::Relaxed),
+        _ => Err(format!("`{s}`: expected fsync or relaxed")),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tether: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => {
+                init_logging();
+                serve(args).await
+            }
+            Command::Token(args) => match tether_server::auth::mint_token(&args.data, &args.user) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tether token: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Send(args) => client_cmds::run_send(args).await,
+            Command::Recv(args) => client_cmds::run_recv(args).await,
+            Command::Chat(args) => client_cmds::run_chat(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let config = ServerConfig {
+        data_dir: args.data,
+        listen: args.listen,
+        http: Some(args.http),
+        durability: args.durability,
+        start_policy: args.start_policy,
+        login_deadline: Duration::from_millis(args.login_deadline_ms),
+        max_frame: args.max_frame,
+        credit_window: args.credit_window.max(1),
+        retention: Duration::from_secs(args.retention_days * 24 * 3600),
+        ..ServerConfig::default()
+    };
+    let server = match Server::open(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tether serve: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let running = match server.bind().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether serve: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_stop_signal().await;
+    tracing::info!("stopping: closing sessions and flushing the store");
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
