@@ -88,6 +88,11 @@ fn transport_close(e: TransportError) -> Close {
             format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
         ),
         TransportError::Frame(e) => Close::fatal(ErrorCode::MalformedFrame, e.to_string()),
+        // The peer may only have shut its write side: tell it, if it still listens.
+        TransportError::Truncated(n) => Close::fatal(
+            ErrorCode::MalformedFrame,
+            format!("stream ended inside a frame ({n} bytes of it received)"),
+        ),
         other => Close::Transport(other.to_string()),
     }
 }
