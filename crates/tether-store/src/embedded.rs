@@ -1,0 +1,588 @@
+//! The embedded [`Store`]: one redb file in one directory, no server to install.
+//!
+//! Every [`Store::append`] is one redb write transaction committed with
+//! `redb::Durability::Immediate`, i.e. one `sync_data` on the storage backend after all the
+//! batch's pages are written (group commit: one fdatasync per batch, not per message).
+//! Durability is decided *below* redb, in the backend: [`Durability::Fsync`] lets that
+//! `sync_data` through to `fdatasync`; [`Durability::Relaxed`] wraps the backend in
+//! `NoSync`, so commits still reach the kernel with write(2) (they survive a process
+//! crash) but never wait for the disk. One mechanism serves the real file and the
+//! simulated disk of the power-cut tests.
+//!
+//! Tables (redb typed keys; tuples compare element by element, so one inbox's entries
+//! are contiguous and ordered by seq):
+//!
+//! | table     | key                                      | value                                     |
+//! |-----------|------------------------------------------|-------------------------------------------|
+//! | `meta`    | `&str`: `"epoch"`, `"next_message_id"`   | `u64`                                     |
+//! | `heads`   | user                                     | `(head, low)`: last seq, lowest retained  |
+//! | `inbox`   | `(user, seq)`                            | protobuf `tether.v1.Entry` (seq included) |
+//! | `dedup`   | `(sender, sender_device, client_msg_id)` | `(message_id, sender_seq, ts_ms)`         |
+//! | `cursors` | `(user, device)`                         | `(inbox_epoch, acked_seq, last_seen_ms)`  |
+
+use crate::{
+    AppendOutcome, AppendRequest, Committed, CompactStats, DeviceCursor, Durability, EntryKind,
+    InboxInfo, Store, StoreError, StoredEntry,
+};
+use prost::Message;
+use rand::Rng;
+use redb::{BackendError, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use tether_proto::pb;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const HEADS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("heads");
+const INBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("inbox");
+/// `(sender, sender_device, client_msg_id)`.
+type DedupKey = (&'static str, &'static str, &'static [u8; 16]);
+/// `(message_id, sender_seq, ts_ms)`: the original ack.
+type DedupValue = (u64, u64, u64);
+const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition::new("dedup");
+const CURSORS: TableDefinition<(&str, &str), (u64, u64, u64)> = TableDefinition::new("cursors");
+
+const EPOCH_KEY: &str = "epoch";
+const NEXT_MESSAGE_ID_KEY: &str = "next_message_id";
+
+/// File in the data directory whose advisory lock keeps a second process out.
+const LOCK_FILE: &str = "LOCK";
+/// The redb database file in the data directory.
+const DB_FILE: &str = "inbox.redb";
+
+/// Epochs stay below 2^53 so they survive a trip through JSON numbers.
+const EPOCH_LIMIT: u64 = 1 << 53;
+
+/// The embedded store: inboxes, dedup keys and cursors in one redb database.
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    db: redb::Database,
+    epoch: u64,
+    durability: Durability,
+    /// Held (locked) for as long as the store is open; dropped after `db`.
+    _dir_lock: Option<File>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`, holding `dir/LOCK` exclusively while open.
+    pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        let dir_created = !dir.exists();
+        fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.display().to_string()));
+            }
+            Err(TryLockError::Error(e)) => return Err(e.into()),
+        }
+        let path = dir.join(DB_FILE);
+        let file_created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let store = Self::with_backend(FileBackend { file }, durability, Some(lock))?;
+        if durability == Durability::Fsync {
+            // The new directory entries must survive a power cut, or the data would not.
+            if file_created {
+                sync_dir(dir)?;
+            }
+            if dir_created {
+                sync_dir(
+                    dir.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new(".")),
+                )?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// Opens (or creates) the store on any redb storage backend, e.g. a
+    /// [`SimulatedDisk`](crate::SimulatedDisk). The caller ensures exclusive access.
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        Self::with_backend(backend, durability, None)
+    }
+
+    fn with_backend(
+        backend: impl StorageBackend,
+        durability: Durability,
+        dir_lock: Option<File>,
+    ) -> Result<Self, StoreError> {
+        let mut builder = redb::Builder::new();
+        // After an unclean shutdown redb rebuilds its allocator state before opening.
+        builder.set_repair_callback(|session| {
+            tracing::info!(
+                progress = session.progress(),
+                "repairing inbox store after an unclean shutdown"
+            );
+        });
+        let db = match durability {
+            Durability::Fsync => builder.create_with_backend(backend)?,
+            Durability::Relaxed => builder.create_with_backend(NoSync(backend))?,
+        };
+        let epoch = init_tables(&db)?;
+        tracing::debug!(epoch, %durability, "inbox store open");
+        Ok(Self {
+            db,
+            epoch,
+            durability,
+            _dir_lock: dir_lock,
+        })
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        Ok(txn)
+    }
+}
+
+/// Makes the entries of directory `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Creates the tables if missing and returns the store epoch, choosing it on first open.
+fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
+    let txn = db.begin_write()?;
+    let epoch = {
+        let mut meta = txn.open_table(META)?;
+        txn.open_table(HEADS)?;
+        txn.open_table(INBOX)?;
+        txn.open_table(DEDUP)?;
+        txn.open_table(CURSORS)?;
+        let stored = meta.get(EPOCH_KEY)?.map(|guard| guard.value());
+        match stored {
+            Some(0) => return Err(StoreError::Corrupt("store epoch is 0".into())),
+            Some(epoch) => epoch,
+            None => {
+                let epoch = rand::rng().random_range(1..EPOCH_LIMIT);
+                meta.insert(EPOCH_KEY, epoch)?;
+                meta.insert(NEXT_MESSAGE_ID_KEY, 1)?;
+                epoch
+            }
+        }
+    };
+    txn.commit()?;
+    Ok(epoch)
+}
+
+/// Head and low watermark of one inbox while a batch is being appended.
+struct InboxHead {
+    head: u64,
+    low: u64,
+    /// Message that last took a seq here: a user listed twice in `targets` gets one copy.
+    last_message_id: u64,
+}
+
+impl Store for EmbeddedStore {
+    fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.begin_write()?;
+        let outcomes = {
+            let mut meta = txn.open_table(META)?;
+            let mut heads = txn.open_table(HEADS)?;
+            let mut inbox = txn.open_table(INBOX)?;
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut next_message_id = meta
+                .get(NEXT_MESSAGE_ID_KEY)?
+                .map(|guard| guard.value())
+                .ok_or_else(|| StoreError::Corrupt("next message id missing".into()))?;
+
+            // Heads are read once per batch and written back once at the end.
+            let mut touched: HashMap<&str, InboxHead> = HashMap::new();
+            // One entry and one buffer reused for every copy: strings keep their capacity.
+            let mut entry = pb::Entry::default();
+            let mut encoded = Vec::new();
+            let mut outcomes = Vec::with_capacity(batch.len());
+
+            for req in batch {
+                let dedup_key = (
+                    req.sender.as_str(),
+                    req.sender_device.as_str(),
+                    &req.client_msg_id,
+                );
+                // Keys inserted earlier in this transaction are visible here too, so
+                // duplicates inside the batch are caught the same way.
+                if let Some(original) = dedup.get(dedup_key)? {
+                    let (message_id, sender_seq, ts_ms) = original.value();
+                    outcomes.push(AppendOutcome::Duplicate(Committed {
+                        message_id,
+                        sender_seq,
+                        ts_ms,
+                    }));
+                    continue;
+                }
+
+                let message_id = next_message_id;
+                next_message_id += 1;
+                set_entry(&mut entry, req, message_id);
+                let mut sender_seq = 0;
+                let mut new_heads = Vec::with_capacity(req.targets.len());
+                for target in &req.targets {
+                    let user = target.user.as_str();
+                    let inbox_head = match touched.entry(user) {
+                        MapEntry::Occupied(slot) => slot.into_mut(),
+                        MapEntry::Vacant(slot) => {
+                            let (head, low) = heads
+                                .get(user)?
+                                .map(|guard| guard.value())
+                                .unwrap_or((0, 1));
+                            slot.insert(InboxHead {
+                                head,
+                                low,
+                                last_message_id: 0,
+                            })
+                        }
+                    };
+                    if inbox_head.last_message_id == message_id {
+                        continue;
+                    }
+                    inbox_head.last_message_id = message_id;
+                    inbox_head.head += 1;
+                    let seq = inbox_head.head;
+
+                    entry.seq = seq;
+                    entry.conversation.clear();
+                    entry.conversation.push_str(&target.conversation);
+                    encoded.clear();
+                    entry.encode(&mut encoded).map_err(|e| {
+                        StoreError::Engine(format!("encoding inbox entry failed: {e}"))
+                    })?;
+                    inbox.insert((user, seq), encoded.as_slice())?;
+
+                    if target.user == req.sender {
+                        sender_seq = seq;
+                    }
+                    new_heads.push((target.user.clone(), seq));
+                }
+                dedup.insert(dedup_key, (message_id, sender_seq, req.ts_ms))?;
+                outcomes.push(AppendOutcome::New {
+                    ack: Committed {
+                        message_id,
+                        sender_seq,
+                        ts_ms: req.ts_ms,
+                    },
+                    heads: new_heads,
+                });
+            }
+
+            for (user, inbox_head) in &touched {
+                heads.insert(*user, (inbox_head.head, inbox_head.low))?;
+            }
+            meta.insert(NEXT_MESSAGE_ID_KEY, next_message_id)?;
+            outcomes
+        };
+        // An early return above drops `txn`, which aborts it: nothing is committed.
+        txn.commit()?;
+        Ok(outcomes)
+    }
+
+    fn read_range(
+        &self,
+        user: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read()?;
+        let inbox = txn.open_table(INBOX)?;
+        let span = usize::try_from(to - from).unwrap_or(usize::MAX);
+        let mut entries = Vec::with_capacity(limit.min(span.saturating_add(1)).min(1024));
+        for item in inbox.range((user, from)..=(user, to))?.take(limit) {
+            let (key, value) = item?;
+            entries.push(decode_entry(user, key.value().1, value.value())?);
+        }
+        Ok(entries)
+    }
+
+    fn inbox_info(&self, user: &str) -> Result<InboxInfo, StoreError> {
+        let txn = self.db.begin_read()?;
+        let heads = txn.open_table(HEADS)?;
+        let (head, low) = heads
+            .get(user)?
+            .map(|guard| guard.value())
+            .unwrap_or((0, 1));
+        Ok(InboxInfo {
+            epoch: self.epoch,
+            head,
+            low,
+        })
+    }
+
+    fn cursor(&self, user: &str, device: &str) -> Result<Option<DeviceCursor>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let cursors = txn.open_table(CURSORS)?;
+        Ok(cursors.get((user, device))?.map(|guard| {
+            let (inbox_epoch, acked_seq, last_seen_ms) = guard.value();
+            DeviceCursor {
+                inbox_epoch,
+                acked_seq,
+                last_seen_ms,
+            }
+        }))
+    }
+
+    fn set_cursors(&self, updates: &[(String, String, DeviceCursor)]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write()?;
+        {
+            let mut cursors = txn.open_table(CURSORS)?;
+            for (user, device, cursor) in updates {
+                let key = (user.as_str(), device.as_str());
+                let old = cursors.get(key)?.map(|guard| guard.value());
+                let acked_seq = match old {
+                    Some((epoch, acked, _)) if epoch == cursor.inbox_epoch => {
+                        acked.max(cursor.acked_seq)
+                    }
+                    _ => cursor.acked_seq,
+                };
+                cursors.insert(key, (cursor.inbox_epoch, acked_seq, cursor.last_seen_ms))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes, per inbox, the oldest entries while their `ts_ms` is below `before_ms`: the
+    /// prefix, so an inbox stays the contiguous range `low..=head` that streaming relies on
+    /// (an old entry behind a newer one, after a clock step back, waits for the next run).
+    fn compact(&self, before_ms: u64, devices_before_ms: u64) -> Result<CompactStats, StoreError> {
+        let mut stats = CompactStats::default();
+        let txn = self.begin_write()?;
+        {
+            let mut heads = txn.open_table(HEADS)?;
+            let mut inbox = txn.open_table(INBOX)?;
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut cursors = txn.open_table(CURSORS)?;
+
+            let mut inboxes = Vec::new();
+            for item in heads.iter()? {
+                let (user, head_low) = item?;
+                inboxes.push((user.value().to_owned(), head_low.value()));
+            }
+            for (user, (head, low)) in inboxes {
+                if low > head {
+                    continue; // already empty
+                }
+                let user = user.as_str();
+                let mut new_low = low;
+                for item in inbox.range((user, low)..=(user, head))? {
+                    let (key, value) = item?;
+                    let seq = key.value().1;
+                    if decode_entry(user, seq, value.value())?.ts_ms >= before_ms {
+                        break;
+                    }
+                    new_low = seq + 1;
+                }
+                if new_low == low {
+                    continue;
+                }
+                let range = (
+                    Bound::Included((user, low)),
+                    Bound::Excluded((user, new_low)),
+                );
+                inbox.retain_in(range, |_, _| {
+                    stats.entries += 1;
+                    false
+                })?;
+                heads.insert(user, (head, new_low))?;
+            }
+
+            dedup.retain(|_, (_, _, ts_ms)| {
+                let keep = ts_ms >= before_ms;
+                stats.dedup_keys += u64::from(!keep);
+                keep
+            })?;
+            cursors.retain(|_, (_, _, last_seen_ms)| {
+                let keep = last_seen_ms >= devices_before_ms;
+                stats.devices += u64::from(!keep);
+                keep
+            })?;
+        }
+        txn.commit()?;
+        tracing::debug!(
+            ?stats,
+            before_ms,
+            devices_before_ms,
+            "inbox store compacted"
+        );
+        Ok(stats)
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+}
+
+/// Fills the per-message fields of `entry` (seq and conversation are set per inbox).
+fn set_entry(entry: &mut pb::Entry, req: &AppendRequest, message_id: u64) {
+    entry.message_id = message_id;
+    entry.from.clear();
+    entry.from.push_str(&req.sender);
+    entry.from_device.clear();
+    entry.from_device.push_str(&req.sender_device);
+    entry.body = req.body.clone();
+    entry.content_type.clear();
+    entry.content_type.push_str(&req.content_type);
+    entry.ts_ms = req.ts_ms;
+    entry.r#type = match req.kind {
+        EntryKind::Message => pb::EntryType::Message,
+        EntryKind::Receipt => pb::EntryType::Receipt,
+    } as i32;
+}
+
+/// Decodes the stored entry at `(user, seq)`; anything unexpected is [`StoreError::Corrupt`].
+fn decode_entry(user: &str, seq: u64, bytes: &[u8]) -> Result<StoredEntry, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt(format!("inbox {user:?} seq {seq}: {what}"));
+    let entry = pb::Entry::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if entry.seq != seq {
+        return Err(corrupt(format!("entry says seq {}", entry.seq)));
+    }
+    let kind = match pb::EntryType::try_from(entry.r#type) {
+        Ok(pb::EntryType::Message) => EntryKind::Message,
+        Ok(pb::EntryType::Receipt) => EntryKind::Receipt,
+        _ => return Err(corrupt(format!("unknown entry type {}", entry.r#type))),
+    };
+    Ok(StoredEntry {
+        seq,
+        message_id: entry.message_id,
+        from: entry.from,
+        from_device: entry.from_device,
+        conversation: entry.conversation,
+        body: entry.body,
+        content_type: entry.content_type,
+        ts_ms: entry.ts_ms,
+        kind,
+    })
+}
+
+macro_rules! engine_errors {
+    ($($error:ty),* $(,)?) => {$(
+        impl From<$error> for StoreError {
+            fn from(e: $error) -> Self {
+                StoreError::Engine(e.to_string())
+            }
+        }
+    )*};
+}
+
+engine_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError,
+);
+
+/// The data file, read and written with positioned I/O; `sync_data` is fdatasync.
+#[derive(Debug)]
+struct FileBackend {
+    file: File,
+}
+
+impl StorageBackend for FileBackend {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(out, offset)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+}
+
+/// [`Durability::Relaxed`]: forwards everything to the wrapped backend except `sync_data`,
+/// which returns at once. Commits reach the kernel (write(2)) but never wait for the disk.
+#[derive(Debug)]
+struct NoSync<B>(B);
+
+impl<B: StorageBackend> StorageBackend for NoSync<B> {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write(offset, data)
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.0.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.0.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.0.query_lock_range(start, end)
+    }
+}

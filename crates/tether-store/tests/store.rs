@@ -1,0 +1,441 @@
+//! The embedded store's rules, through the public `Store` API.
+
+use bytes::Bytes;
+use tether_store::{
+    AppendOutcome, AppendRequest, Committed, DeviceCursor, Durability, EmbeddedStore, EntryKind,
+    InboxTarget, SimulatedDisk, Store, StoreError, StoredEntry,
+};
+
+fn target(user: &str, conversation: &str) -> InboxTarget {
+    InboxTarget {
+        user: user.into(),
+        conversation: conversation.into(),
+    }
+}
+
+/// `sender/device` sends `body` to `to`; the copy in the sender's own inbox is included.
+fn send(sender: &str, device: &str, id: u8, to: &str, body: &str, ts_ms: u64) -> AppendRequest {
+    AppendRequest {
+        sender: sender.into(),
+        sender_device: device.into(),
+        client_msg_id: [id; 16],
+        targets: vec![target(to, sender), target(sender, to)],
+        body: Bytes::copy_from_slice(body.as_bytes()),
+        content_type: "text/plain".into(),
+        kind: EntryKind::Message,
+        ts_ms,
+    }
+}
+
+fn memory_store() -> EmbeddedStore {
+    EmbeddedStore::open_with_backend(SimulatedDisk::new(), Durability::Fsync).unwrap()
+}
+
+fn new_ack(outcome: &AppendOutcome) -> Committed {
+    match outcome {
+        AppendOutcome::New { ack, .. } => *ack,
+        AppendOutcome::Duplicate(ack) => panic!("expected a new message, got duplicate {ack:?}"),
+    }
+}
+
+fn all(store: &EmbeddedStore, user: &str) -> Vec<StoredEntry> {
+    store.read_range(user, 0, u64::MAX, usize::MAX).unwrap()
+}
+
+#[test]
+fn append_assigns_consecutive_seqs_per_inbox_and_global_message_ids() {
+    let store = memory_store();
+    let outcomes = store
+        .append(&[
+            send("alice", "phone", 1, "bob", "hi bob", 1_000),
+            send("bob", "laptop", 2, "alice", "hi alice", 1_001),
+            send("alice", "phone", 3, "carol", "hi carol", 1_002),
+        ])
+        .unwrap();
+
+    assert_eq!(
+        outcomes,
+        vec![
+            AppendOutcome::New {
+                ack: Committed {
+                    message_id: 1,
+                    sender_seq: 1,
+                    ts_ms: 1_000
+                },
+                heads: vec![("bob".into(), 1), ("alice".into(), 1)],
+            },
+            AppendOutcome::New {
+                ack: Committed {
+                    message_id: 2,
+                    sender_seq: 2,
+                    ts_ms: 1_001
+                },
+                heads: vec![("alice".into(), 2), ("bob".into(), 2)],
+            },
+            AppendOutcome::New {
+                ack: Committed {
+                    message_id: 3,
+                    sender_seq: 3,
+                    ts_ms: 1_002
+                },
+                heads: vec![("carol".into(), 1), ("alice".into(), 3)],
+            },
+        ]
+    );
+
+    // A later batch continues where the last one stopped.
+    let next = store
+        .append(&[send("carol", "tab", 4, "alice", "yo", 1_003)])
+        .unwrap();
+    assert_eq!(
+        next[0],
+        AppendOutcome::New {
+            ack: Committed {
+                message_id: 4,
+                sender_seq: 2,
+                ts_ms: 1_003
+            },
+            heads: vec![("alice".into(), 4), ("carol".into(), 2)],
+        }
+    );
+
+    let alice = all(&store, "alice");
+    assert_eq!(
+        alice.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        alice[1],
+        StoredEntry {
+            seq: 2,
+            message_id: 2,
+            from: "bob".into(),
+            from_device: "laptop".into(),
+            conversation: "bob".into(),
+            body: Bytes::from_static(b"hi alice"),
+            content_type: "text/plain".into(),
+            ts_ms: 1_001,
+            kind: EntryKind::Message,
+        }
+    );
+    // The sender's own copy names the recipient as the conversation.
+    assert_eq!(alice[0].conversation, "bob");
+    assert_eq!(alice[0].from, "alice");
+    assert_eq!(store.inbox_info("alice").unwrap().head, 4);
+    assert_eq!(store.inbox_info("bob").unwrap().head, 2);
+}
+
+#[test]
+fn sender_seq_is_zero_when_the_senders_inbox_is_not_a_target() {
+    let store = memory_store();
+    let mut req = send("alice", "phone", 1, "bob", "x", 5);
+    req.targets.truncate(1);
+    req.kind = EntryKind::Receipt;
+    let outcomes = store.append(&[req]).unwrap();
+    assert_eq!(new_ack(&outcomes[0]).sender_seq, 0);
+    assert_eq!(store.inbox_info("alice").unwrap().head, 0);
+    assert_eq!(all(&store, "bob")[0].kind, EntryKind::Receipt);
+}
+
+#[test]
+fn a_user_listed_twice_in_targets_gets_one_copy() {
+    let store = memory_store();
+    let mut req = send("alice", "phone", 1, "bob", "x", 5);
+    req.targets.push(target("bob", "g:team"));
+    let outcomes = store.append(&[req]).unwrap();
+    match &outcomes[0] {
+        AppendOutcome::New { heads, .. } => {
+            assert_eq!(heads, &vec![("bob".into(), 1), ("alice".into(), 1)]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(all(&store, "bob").len(), 1);
+}
+
+#[test]
+fn read_range_is_inclusive_ascending_and_respects_limit() {
+    let store = memory_store();
+    let batch: Vec<_> = (1..=10)
+        .map(|i| send("alice", "phone", i, "bob", &format!("m{i}"), u64::from(i)))
+        .collect();
+    store.append(&batch).unwrap();
+
+    let seqs = |from, to, limit| {
+        store
+            .read_range("bob", from, to, limit)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(3, 6, 100), vec![3, 4, 5, 6]);
+    assert_eq!(seqs(3, 6, 2), vec![3, 4]);
+    assert_eq!(seqs(9, 20, 100), vec![9, 10]);
+    assert_eq!(seqs(6, 3, 100), Vec::<u64>::new());
+    assert_eq!(seqs(1, 10, 0), Vec::<u64>::new());
+    assert_eq!(store.read_range("bob", 7, 7, 1).unwrap()[0].body, "m7");
+    // Another user's inbox with a name that sorts right after is not mixed in.
+    store
+        .append(&[send("x", "d", 1, "bob2", "other", 1)])
+        .unwrap();
+    assert_eq!(seqs(1, u64::MAX, 100).len(), 10);
+}
+
+#[test]
+fn duplicate_client_msg_id_returns_the_original_ack_and_writes_nothing() {
+    let store = memory_store();
+    let first = store
+        .append(&[send("alice", "phone", 7, "bob", "once", 100)])
+        .unwrap();
+    let original = new_ack(&first[0]);
+
+    let retry = store
+        .append(&[send("alice", "phone", 7, "bob", "changed body", 200)])
+        .unwrap();
+    assert_eq!(retry, vec![AppendOutcome::Duplicate(original)]);
+    assert_eq!(store.inbox_info("bob").unwrap().head, 1);
+    assert_eq!(store.inbox_info("alice").unwrap().head, 1);
+    assert_eq!(all(&store, "bob")[0].body, "once");
+
+    // The next new message still gets the next message id.
+    let next = store
+        .append(&[send("alice", "phone", 8, "bob", "two", 300)])
+        .unwrap();
+    assert_eq!(new_ack(&next[0]).message_id, original.message_id + 1);
+}
+
+#[test]
+fn same_client_msg_id_from_another_device_is_not_a_duplicate() {
+    let store = memory_store();
+    let outcomes = store
+        .append(&[
+            send("alice", "phone", 7, "bob", "from phone", 100),
+            send("alice", "laptop", 7, "bob", "from laptop", 100),
+            send("carol", "phone", 7, "bob", "other sender", 100),
+        ])
+        .unwrap();
+    let ids: Vec<u64> = outcomes.iter().map(|o| new_ack(o).message_id).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert_eq!(store.inbox_info("bob").unwrap().head, 3);
+}
+
+#[test]
+fn duplicates_inside_one_batch_get_the_ack_of_the_first() {
+    let store = memory_store();
+    let outcomes = store
+        .append(&[
+            send("alice", "phone", 7, "bob", "a", 100),
+            send("alice", "phone", 8, "bob", "b", 100),
+            send("alice", "phone", 7, "bob", "a again", 101),
+        ])
+        .unwrap();
+    let first = new_ack(&outcomes[0]);
+    assert_eq!(outcomes[2], AppendOutcome::Duplicate(first));
+    assert_eq!(store.inbox_info("bob").unwrap().head, 2);
+}
+
+#[test]
+fn data_and_epoch_survive_close_and_reopen() {
+    for durability in [Durability::Fsync, Durability::Relaxed] {
+        let dir = tempfile::tempdir().unwrap();
+        let (epoch, ack) = {
+            let store = EmbeddedStore::open(dir.path(), durability).unwrap();
+            assert_eq!(store.durability(), durability);
+            let outcomes = store
+                .append(&[send("alice", "phone", 1, "bob", "kept", 42)])
+                .unwrap();
+            (
+                store.inbox_info("bob").unwrap().epoch,
+                new_ack(&outcomes[0]),
+            )
+        };
+        assert_ne!(epoch, 0);
+        assert!(epoch < 1 << 53);
+
+        let store = EmbeddedStore::open(dir.path(), durability).unwrap();
+        let info = store.inbox_info("bob").unwrap();
+        assert_eq!((info.epoch, info.head, info.low), (epoch, 1, 1));
+        assert_eq!(all(&store, "bob")[0].body, "kept");
+        assert_eq!(
+            store
+                .append(&[send("alice", "phone", 1, "bob", "kept", 42)])
+                .unwrap(),
+            vec![AppendOutcome::Duplicate(ack)]
+        );
+        let next = store
+            .append(&[send("alice", "phone", 2, "bob", "after", 43)])
+            .unwrap();
+        assert_eq!(new_ack(&next[0]).message_id, 2);
+
+        let fresh_dir = tempfile::tempdir().unwrap();
+        let fresh = EmbeddedStore::open(fresh_dir.path(), durability).unwrap();
+        assert_ne!(fresh.inbox_info("bob").unwrap().epoch, epoch);
+    }
+}
+
+#[test]
+fn second_open_of_a_directory_in_use_is_refused_as_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
+    match EmbeddedStore::open(dir.path(), Durability::Fsync) {
+        Err(StoreError::Locked(path)) => assert!(path.contains(&*dir.path().to_string_lossy())),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    drop(first);
+    EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
+}
+
+#[test]
+fn cursors_only_move_forward_within_an_epoch_and_reset_across_epochs() {
+    let store = memory_store();
+    let cursor = |inbox_epoch, acked_seq, last_seen_ms| DeviceCursor {
+        inbox_epoch,
+        acked_seq,
+        last_seen_ms,
+    };
+    let set = |c: DeviceCursor| {
+        store
+            .set_cursors(&[("alice".into(), "phone".into(), c)])
+            .unwrap()
+    };
+    assert_eq!(store.cursor("alice", "phone").unwrap(), None);
+
+    set(cursor(5, 10, 1_000));
+    assert_eq!(
+        store.cursor("alice", "phone").unwrap(),
+        Some(cursor(5, 10, 1_000))
+    );
+    // Smaller seq in the same epoch: seq kept, last seen updated.
+    set(cursor(5, 7, 2_000));
+    assert_eq!(
+        store.cursor("alice", "phone").unwrap(),
+        Some(cursor(5, 10, 2_000))
+    );
+    set(cursor(5, 12, 3_000));
+    assert_eq!(
+        store.cursor("alice", "phone").unwrap(),
+        Some(cursor(5, 12, 3_000))
+    );
+    // Another epoch replaces the cursor, even with a smaller seq.
+    set(cursor(6, 2, 4_000));
+    assert_eq!(
+        store.cursor("alice", "phone").unwrap(),
+        Some(cursor(6, 2, 4_000))
+    );
+    // Devices are independent.
+    assert_eq!(store.cursor("alice", "laptop").unwrap(), None);
+
+    // Several updates in one call apply in order.
+    store
+        .set_cursors(&[
+            ("bob".into(), "tab".into(), cursor(6, 9, 10)),
+            ("bob".into(), "tab".into(), cursor(6, 4, 11)),
+        ])
+        .unwrap();
+    assert_eq!(store.cursor("bob", "tab").unwrap(), Some(cursor(6, 9, 11)));
+}
+
+#[test]
+fn compact_removes_old_entries_dedup_keys_and_idle_devices_and_moves_low_not_head() {
+    let store = memory_store();
+    let batch: Vec<_> = (1..=6)
+        .map(|i| {
+            send(
+                "alice",
+                "phone",
+                i,
+                "bob",
+                &format!("m{i}"),
+                u64::from(i) * 100,
+            )
+        })
+        .collect();
+    let acks: Vec<Committed> = store.append(&batch).unwrap().iter().map(new_ack).collect();
+    let device = |last_seen_ms| DeviceCursor {
+        inbox_epoch: 1,
+        acked_seq: 3,
+        last_seen_ms,
+    };
+    store
+        .set_cursors(&[
+            ("bob".into(), "old".into(), device(50)),
+            ("bob".into(), "recent".into(), device(500)),
+        ])
+        .unwrap();
+
+    // Entries at 100, 200, 300 are older than 350, in both bob's and alice's inbox.
+    let stats = store.compact(350, 100).unwrap();
+    assert_eq!((stats.entries, stats.dedup_keys, stats.devices), (6, 3, 1));
+
+    for user in ["alice", "bob"] {
+        let info = store.inbox_info(user).unwrap();
+        assert_eq!((info.head, info.low), (6, 4), "{user}");
+        let seqs: Vec<u64> = all(&store, user).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![4, 5, 6], "{user}");
+    }
+    assert_eq!(store.cursor("bob", "old").unwrap(), None);
+    assert_eq!(store.cursor("bob", "recent").unwrap(), Some(device(500)));
+
+    // A kept dedup key still answers; a removed one no longer does (its window passed).
+    assert_eq!(
+        store.append(&[batch[4].clone()]).unwrap(),
+        vec![AppendOutcome::Duplicate(acks[4])]
+    );
+    let resent = store.append(&[batch[0].clone()]).unwrap();
+    assert!(matches!(resent[0], AppendOutcome::New { .. }));
+    assert_eq!(store.inbox_info("bob").unwrap().head, 7);
+
+    // Compacting everything leaves an empty inbox at low = head + 1; heads never move back.
+    let stats = store.compact(u64::MAX, 0).unwrap();
+    assert_eq!(stats.entries, 8);
+    let info = store.inbox_info("bob").unwrap();
+    assert_eq!((info.head, info.low), (7, 8));
+    assert!(all(&store, "bob").is_empty());
+    assert_eq!(store.compact(u64::MAX, 0).unwrap().entries, 0);
+    assert_eq!(store.inbox_info("bob").unwrap().low, 8);
+    let next = store
+        .append(&[send("alice", "phone", 99, "bob", "new", 1)])
+        .unwrap();
+    assert_eq!(new_ack(&next[0]).sender_seq, 8);
+    let info = store.inbox_info("bob").unwrap();
+    assert_eq!((info.head, info.low), (8, 8));
+}
+
+#[test]
+fn compact_removes_only_the_old_prefix_so_an_inbox_stays_contiguous() {
+    let store = memory_store();
+    // Timestamps 100, 900, 200: the clock stepped back for the third message.
+    store
+        .append(&[
+            send("alice", "phone", 1, "bob", "a", 100),
+            send("alice", "phone", 2, "bob", "b", 900),
+            send("alice", "phone", 3, "bob", "c", 200),
+        ])
+        .unwrap();
+    let stats = store.compact(500, 0).unwrap();
+    assert_eq!(stats.entries, 2); // seq 1 in bob's and in alice's inbox
+    let seqs: Vec<u64> = all(&store, "bob").iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![2, 3]);
+    assert_eq!(store.inbox_info("bob").unwrap().low, 2);
+}
+
+#[test]
+fn empty_store_reports_unknown_inbox_as_head_0_low_1_in_the_store_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
+    let info = store.inbox_info("nobody").unwrap();
+    assert_eq!((info.head, info.low), (0, 1));
+    assert_ne!(info.epoch, 0);
+    assert_eq!(store.inbox_info("someone else").unwrap().epoch, info.epoch);
+    assert!(
+        store
+            .read_range("nobody", 0, u64::MAX, 100)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.cursor("nobody", "phone").unwrap(), None);
+    assert_eq!(
+        store.compact(u64::MAX, u64::MAX).unwrap(),
+        Default::default()
+    );
+}
