@@ -94,9 +94,7 @@ impl CommitPath {
     /// Records that a device holds everything up to `cursor.acked_seq`.
     pub fn move_cursor(&self, user: &Arc<str>, device: &str, cursor: DeviceCursor) {
         let mut map = self.cursors.lock();
-        let slot = map
-            .entry((user.clone(), device.into()))
-            .or_insert(cursor);
+        let slot = map.entry((user.clone(), device.into())).or_insert(cursor);
         if cursor.inbox_epoch != slot.inbox_epoch || cursor.acked_seq >= slot.acked_seq {
             *slot = cursor;
         }

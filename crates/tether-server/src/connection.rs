@@ -11,9 +11,7 @@
 use crate::Shared;
 use crate::commit::CommitRequest;
 use crate::config::StartPolicy;
-use crate::registry::{
-    Registered, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session,
-};
+use crate::registry::{Registered, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session};
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -55,7 +53,9 @@ enum Close {
 impl std::fmt::Display for Close {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Close::Fatal(code, reason) => write!(f, "sent fatal ERROR {}: {reason}", code.as_str_name()),
+            Close::Fatal(code, reason) => {
+                write!(f, "sent fatal ERROR {}: {reason}", code.as_str_name())
+            }
             Close::Transport(why) => write!(f, "transport: {why}"),
             Close::Replaced => f.write_str("replaced by a newer login of the device"),
             Close::Shutdown => f.write_str("server shutdown"),
@@ -251,8 +251,13 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
     match shared.registry.register(&session) {
         Ok(Registered::Fresh) => {}
         Ok(Registered::Replaced(old)) => {
-            info!(user = &*old.user, device = &*old.device, old_epoch = old.device_epoch,
-                new_epoch = session.device_epoch, "newer login replaces older");
+            info!(
+                user = &*old.user,
+                device = &*old.device,
+                old_epoch = old.device_epoch,
+                new_epoch = session.device_epoch,
+                "newer login replaces older"
+            );
         }
         Err(stale) => {
             return Err(Close::fatal(
@@ -394,10 +399,7 @@ impl<T: Transport> Conn<T> {
                 false,
             ))?;
         }
-        let session_id = self
-            .shared
-            .session_ids
-            .fetch_add(1, Ordering::Relaxed);
+        let session_id = self.shared.session_ids.fetch_add(1, Ordering::Relaxed);
         self.send(Frame::Welcome(pb::Welcome {
             session_id: format!("{:x}-{session_id:x}", self.shared.boot_id),
             user_id: self.session.user.to_string(),
@@ -525,7 +527,11 @@ impl<T: Transport> Conn<T> {
 
     fn on_ping(&mut self, ping: pb::Ping) -> Result<(), Close> {
         let interval_ms = if ping.next_interval_ms > 0 {
-            self.shared.config.heartbeat.accept(ping.next_interval_ms).as_millis() as u32
+            self.shared
+                .config
+                .heartbeat
+                .accept(ping.next_interval_ms)
+                .as_millis() as u32
         } else {
             0
         };
@@ -590,7 +596,12 @@ impl<T: Transport> Conn<T> {
         Ok(())
     }
 
-    fn reject_send(&mut self, id: &bytes::Bytes, code: ErrorCode, reason: &str) -> Result<(), Close> {
+    fn reject_send(
+        &mut self,
+        id: &bytes::Bytes,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<(), Close> {
         self.shared.metrics.protocol_errors.inc();
         let mut e = frame::error(code, reason, false);
         if let Frame::Error(ref mut inner) = e {
@@ -625,7 +636,11 @@ impl<T: Transport> Conn<T> {
 
     fn on_sync(&mut self, sync: pb::Sync) -> Result<(), Close> {
         self.head = self.head.max(self.session.head());
-        let to_excl = if sync.to_seq == 0 { self.head + 1 } else { sync.to_seq.min(self.head + 1) };
+        let to_excl = if sync.to_seq == 0 {
+            self.head + 1
+        } else {
+            sync.to_seq.min(self.head + 1)
+        };
         let limit = match sync.limit {
             0 => SYNC_BATCH,
             n => n.min(SYNC_BATCH),
@@ -724,12 +739,9 @@ impl<T: Transport> Conn<T> {
 }
 
 fn client_msg_id(bytes: &[u8]) -> Result<[u8; 16], Close> {
-    bytes.try_into().map_err(|_| {
-        Close::fatal(
-            ErrorCode::MissingField,
-            "client_msg_id must be 16 bytes",
-        )
-    })
+    bytes
+        .try_into()
+        .map_err(|_| Close::fatal(ErrorCode::MissingField, "client_msg_id must be 16 bytes"))
 }
 
 /// A content-derived id for a receipt: the same receipt twice is stored once.
@@ -738,7 +750,14 @@ fn receipt_id(device: &str, receipt: &pb::Receipt) -> [u8; 16] {
     let mut id = [0u8; 16];
     for (i, half) in id.chunks_mut(8).enumerate() {
         let mut h = DefaultHasher::new();
-        (i, "receipt", device, &receipt.conversation, receipt.read_up_to).hash(&mut h);
+        (
+            i,
+            "receipt",
+            device,
+            &receipt.conversation,
+            receipt.read_up_to,
+        )
+            .hash(&mut h);
         half.copy_from_slice(&h.finish().to_le_bytes());
     }
     id
@@ -789,8 +808,13 @@ mod tests {
 
     #[test]
     fn the_devices_own_resume_point_wins_over_the_server_cursor() {
-        let (start, changed) =
-            start_seq(info(50), resume(9, 40), cursor(9, 10), StartPolicy::Beginning).unwrap();
+        let (start, changed) = start_seq(
+            info(50),
+            resume(9, 40),
+            cursor(9, 10),
+            StartPolicy::Beginning,
+        )
+        .unwrap();
         assert_eq!((start, changed), (41, false));
     }
 
@@ -817,17 +841,51 @@ mod tests {
 
     #[test]
     fn unknown_devices_start_by_policy() {
-        assert_eq!(start_seq(info(50), None, None, StartPolicy::Beginning).unwrap().0, 1);
-        assert_eq!(start_seq(info(50), None, None, StartPolicy::Head).unwrap().0, 51);
-        assert_eq!(start_seq(info(50), None, None, StartPolicy::Last(10)).unwrap().0, 41);
-        assert_eq!(start_seq(info(5), None, None, StartPolicy::Last(10)).unwrap().0, 1);
+        assert_eq!(
+            start_seq(info(50), None, None, StartPolicy::Beginning)
+                .unwrap()
+                .0,
+            1
+        );
+        assert_eq!(
+            start_seq(info(50), None, None, StartPolicy::Head)
+                .unwrap()
+                .0,
+            51
+        );
+        assert_eq!(
+            start_seq(info(50), None, None, StartPolicy::Last(10))
+                .unwrap()
+                .0,
+            41
+        );
+        assert_eq!(
+            start_seq(info(5), None, None, StartPolicy::Last(10))
+                .unwrap()
+                .0,
+            1
+        );
         // A cursor from another epoch is ignored.
-        assert_eq!(start_seq(info(50), None, cursor(3, 20), StartPolicy::Head).unwrap().0, 51);
+        assert_eq!(
+            start_seq(info(50), None, cursor(3, 20), StartPolicy::Head)
+                .unwrap()
+                .0,
+            51
+        );
     }
 
     #[test]
     fn compacted_entries_are_skipped_to_the_low_watermark() {
-        let compacted = InboxInfo { epoch: 9, head: 50, low: 30 };
-        assert_eq!(start_seq(compacted, resume(9, 10), None, StartPolicy::Beginning).unwrap().0, 30);
+        let compacted = InboxInfo {
+            epoch: 9,
+            head: 50,
+            low: 30,
+        };
+        assert_eq!(
+            start_seq(compacted, resume(9, 10), None, StartPolicy::Beginning)
+                .unwrap()
+                .0,
+            30
+        );
     }
 }

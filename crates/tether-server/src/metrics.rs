@@ -62,7 +62,11 @@ impl Default for Metrics {
             "Connections accepted",
             m.connections_accepted.clone(),
         );
-        registry.register("connections_open", "Connections open", m.connections_open.clone());
+        registry.register(
+            "connections_open",
+            "Connections open",
+            m.connections_open.clone(),
+        );
         registry.register("logins", "Successful logins", m.logins.clone());
         registry.register("login_failures", "Refused logins", m.login_failures.clone());
         registry.register(

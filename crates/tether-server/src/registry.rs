@@ -215,7 +215,10 @@ mod tests {
         let new = session("alice", "phone", 2);
         assert!(matches!(r.register(&old), Ok(Registered::Fresh)));
         assert!(matches!(r.register(&new), Ok(Registered::Replaced(_))));
-        assert_eq!(old.signals.load(Ordering::Acquire) & SIG_REPLACED, SIG_REPLACED);
+        assert_eq!(
+            old.signals.load(Ordering::Acquire) & SIG_REPLACED,
+            SIG_REPLACED
+        );
         // The replaced one leaving does not remove the newer.
         r.unregister(&old);
         assert_eq!(r.len(), 1);

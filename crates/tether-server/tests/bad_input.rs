@@ -24,7 +24,10 @@ async fn start() -> (RunningServer, tempfile::TempDir) {
 }
 
 fn token(s: &RunningServer, user: &str) -> String {
-    s.server().shared().auth.mint(user, Duration::from_secs(600))
+    s.server()
+        .shared()
+        .auth
+        .mint(user, Duration::from_secs(600))
 }
 
 fn encode(f: &Frame) -> Vec<u8> {
@@ -75,7 +78,9 @@ async fn expect_fatal(s: &RunningServer, bytes: &[u8], code: ErrorCode) -> pb::E
     c.write_all(bytes).await.unwrap();
     let frames = read_until_close(&mut c).await;
     match frames.last() {
-        Some(Frame::Error(e)) if e.code == code as i32 && e.fatal && !e.reason.is_empty() => e.clone(),
+        Some(Frame::Error(e)) if e.code == code as i32 && e.fatal && !e.reason.is_empty() => {
+            e.clone()
+        }
         other => panic!("expected fatal {code:?}, got {other:?} (all: {frames:?})"),
     }
 }
@@ -96,11 +101,16 @@ async fn logged_in(s: &RunningServer, user: &str, device: &str) -> TcpStream {
 /// Same, also returning bytes that arrived after WELCOME.
 async fn logged_in_with_rest(s: &RunningServer, user: &str, device: &str) -> (TcpStream, Vec<u8>) {
     let mut c = connect(s).await;
-    c.write_all(&preamble_and(&[hello(&token(s, user), device)])).await.unwrap();
+    c.write_all(&preamble_and(&[hello(&token(s, user), device)]))
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let mut got = Vec::new();
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "closed during login");
         got.extend_from_slice(&buf[..n]);
         if let Ok(Some((raw, used))) = tether_proto::decode_frame(&got, 1 << 20) {
@@ -115,7 +125,12 @@ async fn missing_or_wrong_preamble_and_garbage_are_bad_preamble() {
     let (s, _d) = start().await;
     expect_fatal(&s, &encode(&hello("x", "d")), ErrorCode::BadPreamble).await;
     expect_fatal(&s, b"TTH\x02", ErrorCode::BadPreamble).await;
-    expect_fatal(&s, b"\x16\x03\x01\x02\x00garbage that is not tether", ErrorCode::BadPreamble).await;
+    expect_fatal(
+        &s,
+        b"\x16\x03\x01\x02\x00garbage that is not tether",
+        ErrorCode::BadPreamble,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -146,7 +161,9 @@ async fn length_over_the_post_auth_limit_is_refused() {
     prost::encoding::encode_varint(64 * 1024 + 1, &mut bytes);
     c.write_all(&bytes).await.unwrap();
     let frames = read_until_close(&mut c).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::FrameTooLarge as i32 && e.fatal));
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::FrameTooLarge as i32 && e.fatal)
+    );
 }
 
 #[tokio::test]
@@ -157,7 +174,10 @@ async fn truncated_frame_then_eof_is_malformed() {
     c.write_all(&full[..full.len() - 3]).await.unwrap();
     c.shutdown().await.unwrap();
     let frames = read_until_close(&mut c).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::MalformedFrame as i32), "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::MalformedFrame as i32),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test]
@@ -170,20 +190,31 @@ async fn unknown_critical_kind_is_an_error_and_unknown_ignorable_kind_is_skipped
     bytes.extend(encode(&Frame::Ping(pb::Ping::default())));
     c.write_all(&bytes).await.unwrap();
     let mut buf = [0u8; 2];
-    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), c.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(buf, [1, kind::PONG], "2-byte PONG");
     // Critical 0x30: fatal.
     let mut bytes = Vec::new();
     tether_proto::encode_raw(0x30, b"", &mut bytes);
     c.write_all(&bytes).await.unwrap();
     let frames = read_until_close(&mut c).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::UnknownKind as i32 && e.reason.contains("0x30")), "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::UnknownKind as i32 && e.reason.contains("0x30")),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test]
 async fn send_before_hello_is_unexpected() {
     let (s, _d) = start().await;
-    let e = expect_fatal(&s, &preamble_and(&[send("bob", 1)]), ErrorCode::UnexpectedKind).await;
+    let e = expect_fatal(
+        &s,
+        &preamble_and(&[send("bob", 1)]),
+        ErrorCode::UnexpectedKind,
+    )
+    .await;
     assert!(e.reason.contains("SEND before HELLO"), "{}", e.reason);
 }
 
@@ -197,7 +228,12 @@ async fn bad_expired_and_wrongly_signed_tokens_fail_auth() {
         auth.mint_expired("alice"),
         foreign.mint("alice", Duration::from_secs(600)),
     ] {
-        let e = expect_fatal(&s, &preamble_and(&[hello(&bad, "d")]), ErrorCode::AuthFailed).await;
+        let e = expect_fatal(
+            &s,
+            &preamble_and(&[hello(&bad, "d")]),
+            ErrorCode::AuthFailed,
+        )
+        .await;
         assert!(e.reason.starts_with("invalid token"), "{}", e.reason);
     }
 }
@@ -206,9 +242,14 @@ async fn bad_expired_and_wrongly_signed_tokens_fail_auth() {
 async fn second_hello_is_unexpected() {
     let (s, _d) = start().await;
     let mut c = logged_in(&s, "alice", "d").await;
-    c.write_all(&encode(&hello(&token(&s, "alice"), "d"))).await.unwrap();
+    c.write_all(&encode(&hello(&token(&s, "alice"), "d")))
+        .await
+        .unwrap();
     let frames = read_until_close(&mut c).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::UnexpectedKind as i32 && e.reason.contains("second HELLO")), "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::UnexpectedKind as i32 && e.reason.contains("second HELLO")),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test]
@@ -233,7 +274,10 @@ async fn valid_frames_missing_required_fields_are_refused() {
     tether_proto::encode_raw(kind::SEND, &no_target.encode_to_vec(), &mut bytes);
     c.write_all(&bytes).await.unwrap();
     let frames = read_until_close(&mut c).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::MissingField as i32 && e.reason.contains("target")), "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == ErrorCode::MissingField as i32 && e.reason.contains("target")),
+        "{frames:?}"
+    );
 }
 
 #[tokio::test]
@@ -242,7 +286,10 @@ async fn no_hello_within_the_login_deadline_is_a_timeout() {
     let started = std::time::Instant::now();
     let e = expect_fatal(&s, &PREAMBLE, ErrorCode::LoginTimeout).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
     assert!(e.reason.contains("500 ms"));
 }
 
@@ -255,27 +302,46 @@ async fn resume_points_above_head_or_from_another_epoch_are_answered() {
             token: token(&s, "carol"),
             device_id: "d".into(),
             device_epoch: 1,
-            resume: Some(pb::ResumePoint { inbox_epoch, last_seq }),
+            resume: Some(pb::ResumePoint {
+                inbox_epoch,
+                last_seq,
+            }),
             ..Default::default()
         })
     };
     // Learn the epoch from a plain login.
     let mut c = connect(&s).await;
-    c.write_all(&preamble_and(&[hello(&token(&s, "carol"), "probe-epoch")])).await.unwrap();
+    c.write_all(&preamble_and(&[hello(&token(&s, "carol"), "probe-epoch")]))
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 1024];
     let n = c.read(&mut buf).await.unwrap();
-    let Ok(Some((raw, _))) = tether_proto::decode_frame(&buf[..n], 4096) else { panic!() };
-    let Ok(Frame::Welcome(w)) = frame::from_raw(&raw) else { panic!() };
+    let Ok(Some((raw, _))) = tether_proto::decode_frame(&buf[..n], 4096) else {
+        panic!()
+    };
+    let Ok(Frame::Welcome(w)) = frame::from_raw(&raw) else {
+        panic!()
+    };
     drop(c);
 
-    let e = expect_fatal(&s, &preamble_and(&[mk(5, w.inbox_epoch)]), ErrorCode::ResumeAheadOfHead).await;
+    let e = expect_fatal(
+        &s,
+        &preamble_and(&[mk(5, w.inbox_epoch)]),
+        ErrorCode::ResumeAheadOfHead,
+    )
+    .await;
     assert!(e.reason.contains("above the inbox head 0"), "{}", e.reason);
 
     let mut c = connect(&s).await;
-    c.write_all(&preamble_and(&[mk(5, w.inbox_epoch + 1)])).await.unwrap();
+    c.write_all(&preamble_and(&[mk(5, w.inbox_epoch + 1)]))
+        .await
+        .unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
-        let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         let mut rest = &buf[..n];
         while let Ok(Some((raw, used))) = tether_proto::decode_frame(rest, 4096) {
@@ -283,8 +349,12 @@ async fn resume_points_above_head_or_from_another_epoch_are_answered() {
             rest = &rest[used..];
         }
     }
-    assert!(matches!(&got[0], Frame::Error(e) if e.code == ErrorCode::InboxEpochChanged as i32 && !e.fatal));
-    assert!(matches!(&got[1], Frame::Welcome(w2) if w2.inbox_epoch == w.inbox_epoch && w2.start_seq == 1));
+    assert!(
+        matches!(&got[0], Frame::Error(e) if e.code == ErrorCode::InboxEpochChanged as i32 && !e.fatal)
+    );
+    assert!(
+        matches!(&got[1], Frame::Welcome(w2) if w2.inbox_epoch == w.inbox_epoch && w2.start_seq == 1)
+    );
 }
 
 #[tokio::test]
@@ -321,15 +391,28 @@ async fn a_flood_of_bad_peers_does_not_disturb_a_good_session() {
         assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.fatal));
     }
     // alice is still served, and what was acknowledged is there for bob.
-    alice.write_all(&encode(&Frame::Ping(pb::Ping::default()))).await.unwrap();
+    alice
+        .write_all(&encode(&Frame::Ping(pb::Ping::default())))
+        .await
+        .unwrap();
     let mut two = [0u8; 2];
     alice.read_exact(&mut two).await.unwrap();
     let (mut bob, mut rest) = logged_in_with_rest(&s, "bob", "d").await;
-    while tether_proto::decode_frame(&rest, 1 << 20).unwrap().is_none() {
-        let n = tokio::time::timeout(Duration::from_secs(3), bob.read(&mut buf)).await.unwrap().unwrap();
+    while tether_proto::decode_frame(&rest, 1 << 20)
+        .unwrap()
+        .is_none()
+    {
+        let n = tokio::time::timeout(Duration::from_secs(3), bob.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         rest.extend_from_slice(&buf[..n]);
     }
-    let Ok(Some((raw, _))) = tether_proto::decode_frame(&rest, 1 << 20) else { panic!() };
-    assert!(matches!(frame::from_raw(&raw), Ok(Frame::Deliver(d)) if d.entry.as_ref().unwrap().seq == 1));
+    let Ok(Some((raw, _))) = tether_proto::decode_frame(&rest, 1 << 20) else {
+        panic!()
+    };
+    assert!(
+        matches!(frame::from_raw(&raw), Ok(Frame::Deliver(d)) if d.entry.as_ref().unwrap().seq == 1)
+    );
 }

@@ -29,17 +29,29 @@ fn fixture(config: impl FnOnce(&mut ServerConfig)) -> Fixture {
 
 impl Fixture {
     fn token(&self, user: &str) -> String {
-        self.server.shared().auth.mint(user, Duration::from_secs(600))
+        self.server
+            .shared()
+            .auth
+            .mint(user, Duration::from_secs(600))
     }
 
-    async fn hello(&self, user: &str, device: &str, epoch: u64, resume: Option<(u64, u64)>) -> (MemoryTransport, Vec<Frame>) {
+    async fn hello(
+        &self,
+        user: &str,
+        device: &str,
+        epoch: u64,
+        resume: Option<(u64, u64)>,
+    ) -> (MemoryTransport, Vec<Frame>) {
         let mut t = self.server.connect_memory();
         t.send(&Frame::Hello(pb::Hello {
             version: 1,
             token: self.token(user),
             device_id: device.into(),
             device_epoch: epoch,
-            resume: resume.map(|(inbox_epoch, last_seq)| pb::ResumePoint { inbox_epoch, last_seq }),
+            resume: resume.map(|(inbox_epoch, last_seq)| pb::ResumePoint {
+                inbox_epoch,
+                last_seq,
+            }),
             ..Default::default()
         }))
         .unwrap();
@@ -85,7 +97,11 @@ fn send(to: &str, n: u32) -> Frame {
     })
 }
 
-async fn send_all(t: &mut MemoryTransport, to: &str, range: std::ops::Range<u32>) -> Vec<pb::SendAck> {
+async fn send_all(
+    t: &mut MemoryTransport,
+    to: &str,
+    range: std::ops::Range<u32>,
+) -> Vec<pb::SendAck> {
     let n = range.len();
     for i in range {
         t.send(&send(to, i)).unwrap();
@@ -132,7 +148,10 @@ async fn offline_recipient_gets_everything_in_order_and_sender_devices_see_their
 
     let (mut alice2, _) = f.login("alice", "tablet").await;
     let mine = deliveries(&mut alice2, 100).await;
-    assert!(mine.iter().all(|e| e.from == "alice" && e.conversation == "bob"));
+    assert!(
+        mine.iter()
+            .all(|e| e.from == "alice" && e.conversation == "bob")
+    );
 }
 
 #[tokio::test]
@@ -165,14 +184,20 @@ async fn device_resumes_from_its_own_point_and_server_cursor() {
     deliveries(&mut bob, 20).await;
     drop(bob);
     // Own resume point wins.
-    let (_t, frames) = f.hello("bob", "phone", 2, Some((welcome.inbox_epoch, 12))).await;
-    let Some(Frame::Welcome(w)) = frames.last() else { panic!("{frames:?}") };
+    let (_t, frames) = f
+        .hello("bob", "phone", 2, Some((welcome.inbox_epoch, 12)))
+        .await;
+    let Some(Frame::Welcome(w)) = frames.last() else {
+        panic!("{frames:?}")
+    };
     assert_eq!(w.start_seq, 13);
     drop(_t);
     // Without one, the server cursor (moved by ACKs, flushed within 200 ms).
     tokio::time::sleep(Duration::from_millis(400)).await;
     let (_t, frames) = f.hello("bob", "phone", 3, None).await;
-    let Some(Frame::Welcome(w)) = frames.last() else { panic!("{frames:?}") };
+    let Some(Frame::Welcome(w)) = frames.last() else {
+        panic!("{frames:?}")
+    };
     assert_eq!(w.start_seq, 21);
 }
 
@@ -181,10 +206,18 @@ async fn bad_resume_points_are_errors_not_silent_skips() {
     let f = fixture(|_| {});
     let (mut alice, welcome) = f.login("alice", "laptop").await;
     send_all(&mut alice, "bob", 0..3).await;
-    let (_t, frames) = f.hello("bob", "phone", 1, Some((welcome.inbox_epoch, 4))).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::ResumeAheadOfHead as i32));
-    let (_t, frames) = f.hello("bob", "phone", 2, Some((welcome.inbox_epoch ^ 1, 2))).await;
-    assert!(matches!(&frames[0], Frame::Error(e) if e.code == pb::ErrorCode::InboxEpochChanged as i32 && !e.fatal));
+    let (_t, frames) = f
+        .hello("bob", "phone", 1, Some((welcome.inbox_epoch, 4)))
+        .await;
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::ResumeAheadOfHead as i32)
+    );
+    let (_t, frames) = f
+        .hello("bob", "phone", 2, Some((welcome.inbox_epoch ^ 1, 2)))
+        .await;
+    assert!(
+        matches!(&frames[0], Frame::Error(e) if e.code == pb::ErrorCode::InboxEpochChanged as i32 && !e.fatal)
+    );
     assert!(matches!(frames.last(), Some(Frame::Welcome(w)) if w.start_seq == 1));
 }
 
@@ -194,9 +227,13 @@ async fn newer_login_kicks_older_and_older_never_evicts_newer() {
     let (mut old, _) = f.hello("bob", "phone", 5, None).await;
     let (_new, frames) = f.hello("bob", "phone", 6, None).await;
     assert!(matches!(frames.last(), Some(Frame::Welcome(_))));
-    assert!(matches!(next(&mut old).await, Some(Frame::Kick(k)) if k.reason == pb::KickReason::Replaced as i32));
+    assert!(
+        matches!(next(&mut old).await, Some(Frame::Kick(k)) if k.reason == pb::KickReason::Replaced as i32)
+    );
     let (_stale, frames) = f.hello("bob", "phone", 4, None).await;
-    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::StaleDeviceEpoch as i32));
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == pb::ErrorCode::StaleDeviceEpoch as i32)
+    );
 }
 
 #[tokio::test]
@@ -205,7 +242,12 @@ async fn sync_reads_history_in_bounded_batches() {
     let (mut alice, _) = f.login("alice", "laptop").await;
     send_all(&mut alice, "bob", 0..300).await;
     let (mut bob, _) = f.login("bob", "phone").await;
-    bob.send(&Frame::Sync(pb::Sync { from_seq: 1, to_seq: 0, limit: 1000 })).unwrap();
+    bob.send(&Frame::Sync(pb::Sync {
+        from_seq: 1,
+        to_seq: 0,
+        limit: 1000,
+    }))
+    .unwrap();
     flush(&mut bob).await.unwrap();
     let done = loop {
         if let Frame::SyncDone(d) = next(&mut bob).await.unwrap() {
@@ -224,7 +266,11 @@ async fn credit_window_bounds_unacked_deliveries() {
     send_all(&mut alice, "bob", 0..50).await;
     let (mut bob, _) = f.login("bob", "phone").await;
     let mut got = 0;
-    while let Ok(Some(Ok(Some(raw)))) = tokio::time::timeout(Duration::from_millis(200), recv(&mut bob)).await.map(Some) {
+    while let Ok(Some(Ok(Some(raw)))) =
+        tokio::time::timeout(Duration::from_millis(200), recv(&mut bob))
+            .await
+            .map(Some)
+    {
         if raw.kind == tether_proto::kind::DELIVER {
             got += 1;
         }

@@ -1,0 +1,253 @@
+//! Shared by the end-to-end tests: a real `tether serve` process on loopback, the CLI,
+//! and a small blocking raw-protocol client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tether_proto::{Frame, PREAMBLE, frame, pb};
+
+/// The `tether` binary under test.
+pub fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+/// A running `tether serve`.
+pub struct ServerProc {
+    child: Child,
+    /// Client address.
+    pub addr: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Data directory.
+    pub data: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl ServerProc {
+    /// Starts `tether serve` on free ports with `data` and extra arguments.
+    pub fn start(data: &Path, extra: &[&str]) -> Self {
+        Self::start_wrapped(&[], data, extra)
+    }
+
+    /// Same, run under a wrapper command (e.g. strace).
+    pub fn start_wrapped(wrapper: &[&str], data: &Path, extra: &[&str]) -> Self {
+        let mut cmd = if let Some((first, rest)) = wrapper.split_first() {
+            let mut c = Command::new(first);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_tether"));
+            c
+        } else {
+            tether()
+        };
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tether serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tether server listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start; log:\n{}", log.lock().unwrap()));
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(name).expect(name) + name.len();
+            let rest = &line[start..];
+            let end = rest.find([' ', ')']).unwrap_or(rest.len());
+            rest[..end].parse().expect("address")
+        };
+        Self {
+            child,
+            addr: field("addr="),
+            http: field("http=Some("),
+            data: data.to_path_buf(),
+            log,
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().expect("wait")
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// A token for `user` from this server's data dir.
+    pub fn token(&self, user: &str) -> String {
+        let out = tether()
+            .args(["token", user, "--data"])
+            .arg(&self.data)
+            .output()
+            .expect("tether token");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+/// Runs the CLI to completion with a timeout.
+pub fn run_cli(args: &[&str], timeout: Duration) -> Output {
+    let child = tether()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    wait_output(child, timeout)
+}
+
+/// Waits for a child with a deadline, killing it past the deadline.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "timed out after {timeout:?}; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses stdout JSON lines.
+pub fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// A blocking raw-protocol client.
+pub struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects, logs in, returns the client and WELCOME.
+    pub fn login(addr: SocketAddr, token: &str, device: &str, epoch: u64) -> (Self, pb::Welcome) {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Self {
+            stream,
+            buf: Vec::new(),
+        };
+        c.stream.write_all(&PREAMBLE).unwrap();
+        c.send(&Frame::Hello(pb::Hello {
+            version: 1,
+            token: token.into(),
+            device_id: device.into(),
+            device_epoch: epoch,
+            ..Default::default()
+        }));
+        loop {
+            match c.read() {
+                Frame::Welcome(w) => return (c, w),
+                Frame::Error(e) if e.fatal => panic!("login refused: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes one frame.
+    pub fn send(&mut self, f: &Frame) {
+        let mut out = Vec::new();
+        frame::encode_to(f, &mut out);
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Reads one frame (panics on EOF or after the read timeout).
+    pub fn read(&mut self) -> Frame {
+        loop {
+            if let Some((raw, used)) = tether_proto::decode_frame(&self.buf, 1 << 20).unwrap() {
+                self.buf.drain(..used);
+                return frame::from_raw(&raw).unwrap();
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read");
+            assert!(n > 0, "server closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends one message and waits for its SEND_ACK (skipping other frames).
+    pub fn send_text(&mut self, to: &str, id: [u8; 16], text: &str) -> pb::SendAck {
+        self.send(&send_frame(to, id, text));
+        loop {
+            match self.read() {
+                Frame::SendAck(a) if a.client_msg_id[..] == id[..] => return a,
+                Frame::Error(e) => panic!("send refused: {e:?}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A SEND frame.
+pub fn send_frame(to: &str, id: [u8; 16], text: &str) -> Frame {
+    Frame::Send(pb::Send {
+        client_msg_id: bytes::Bytes::copy_from_slice(&id),
+        target: Some(pb::send::Target::User(to.into())),
+        body: bytes::Bytes::copy_from_slice(text.as_bytes()),
+        content_type: "text/plain".into(),
+    })
+}
+
+/// A distinct client message id from a number.
+pub fn id(n: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_le_bytes());
+    id[8..].copy_from_slice(&0x7e7e_7e7e_u64.to_le_bytes());
+    id
+}
