@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tether_proto::{Frame, frame, pb};
 use tether_server::{Server, ServerConfig};
 use tether_store::Durability;
-use tether_transport::{Transport, flush, recv};
 use tether_transport::tcp::TcpTransport;
+use tether_transport::{Transport, flush, recv};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -239,7 +239,12 @@ fn send_frame(to: &str, id: u64, body: Bytes) -> Frame {
     })
 }
 
-async fn throughput(messages: u64, window: usize, durability: Durability, body: usize) -> BenchResult {
+async fn throughput(
+    messages: u64,
+    window: usize,
+    durability: Durability,
+    body: usize,
+) -> BenchResult {
     let server = BenchServer::start(durability).await?;
     let mut sender = server.login("alice", "bench").await?;
     let mut receiver = server.login("bob", "bench").await?;
@@ -369,7 +374,9 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
                 }
                 // Drain SEND_ACKs without blocking the schedule.
                 while let Ok(Some(raw)) =
-                    tokio::time::timeout(Duration::from_micros(1), recv(&mut tx)).await.unwrap_or(Ok(None))
+                    tokio::time::timeout(Duration::from_micros(1), recv(&mut tx))
+                        .await
+                        .unwrap_or(Ok(None))
                 {
                     if raw.kind == tether_proto::kind::SEND_ACK {
                         acks += 1;

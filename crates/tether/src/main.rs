@@ -13,7 +13,11 @@ use tether_server::{Server, ServerConfig, StartPolicy};
 use tether_store::Durability;
 
 #[derive(Parser)]
-#[command(name = "tether", version, about = "Tether: IM long connections that stay alive and lose nothing")]
+#[command(
+    name = "tether",
+    version,
+    about = "Tether: IM long connections that stay alive and lose nothing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,7 +100,10 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether: cannot start the runtime: {e}");

@@ -59,8 +59,12 @@ fn parse_strace(text: &str) -> Vec<Call> {
         };
         let Ok(ts) = ts.parse::<f64>() else { continue };
         let (start, body) = if let Some(r) = rest.strip_prefix("<... ") {
-            let Some((_, after)) = r.split_once(" resumed>") else { continue };
-            let Some((start, head)) = pending.remove(pid) else { continue };
+            let Some((_, after)) = r.split_once(" resumed>") else {
+                continue;
+            };
+            let Some((start, head)) = pending.remove(pid) else {
+                continue;
+            };
             (start, format!("{head}{after}"))
         } else if let Some(head) = rest.strip_suffix(" <unfinished ...>") {
             pending.insert(pid.to_string(), (ts, head.to_string()));
@@ -68,18 +72,27 @@ fn parse_strace(text: &str) -> Vec<Call> {
         } else {
             (ts, rest.to_string())
         };
-        let Some((name, args)) = body.split_once('(') else { continue };
+        let Some((name, args)) = body.split_once('(') else {
+            continue;
+        };
         let dur = body
             .rsplit_once('<')
             .and_then(|(_, d)| d.trim_end_matches('>').parse::<f64>().ok())
             .unwrap_or(0.0);
-        let end = if rest.starts_with("<... ") { ts } else { ts + dur };
+        let end = if rest.starts_with("<... ") {
+            ts
+        } else {
+            ts + dur
+        };
         let fd = args
             .split([',', ')'])
             .next()
             .and_then(|a| a.trim().parse().ok())
             .unwrap_or(-1);
-        let data = args.split_once('"').and_then(|(_, r)| r.split_once('"')).map(|(s, _)| unescape(s));
+        let data = args
+            .split_once('"')
+            .and_then(|(_, r)| r.split_once('"'))
+            .map(|(s, _)| unescape(s));
         calls.push(Call {
             name: name.to_string(),
             start,
@@ -167,7 +180,10 @@ fn check(events: &[Event]) -> (usize, usize) {
                 read_at.entry(cmid).or_insert(*t);
             }
             Event::AckWrite { cmid, t } => {
-                let read = read_at.get(cmid.as_slice()).copied().expect("ACK for a SEND never read");
+                let read = read_at
+                    .get(cmid.as_slice())
+                    .copied()
+                    .expect("ACK for a SEND never read");
                 checked += 1;
                 if !syncs.iter().any(|(s, e)| *s >= read && *e <= *t) {
                     uncovered += 1;
@@ -181,7 +197,10 @@ fn check(events: &[Event]) -> (usize, usize) {
 
 fn run_traced(durability: &str, dir: &Path) -> (usize, usize) {
     assert!(
-        std::process::Command::new("strace").arg("-V").output().is_ok(),
+        std::process::Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_ok(),
         "strace is not installed: run the README's test command (it installs strace)"
     );
     let trace = dir.join("trace.txt");
@@ -199,11 +218,8 @@ fn run_traced(durability: &str, dir: &Path) -> (usize, usize) {
         "-o",
         trace_arg.as_str(),
     ];
-    let server = ServerProc::start_wrapped(
-        &wrapper,
-        &dir.join("data"),
-        &["--durability", durability],
-    );
+    let server =
+        ServerProc::start_wrapped(&wrapper, &dir.join("data"), &["--durability", durability]);
     let (mut alice, _) = RawClient::login(server.addr, &server.token("alice"), "laptop", 1);
     for n in 0..30 {
         alice.send_text("bob", id(n), &format!("message {n}"));
@@ -218,7 +234,10 @@ fn every_send_ack_follows_the_fdatasync_that_covers_it() {
     let dir = tempfile::tempdir().unwrap();
     let (checked, uncovered) = run_traced("fsync", dir.path());
     assert_eq!(checked, 30, "every SEND_ACK was seen in the trace");
-    assert_eq!(uncovered, 0, "{uncovered} SEND_ACKs were written before a covering fdatasync");
+    assert_eq!(
+        uncovered, 0,
+        "{uncovered} SEND_ACKs were written before a covering fdatasync"
+    );
 }
 
 #[test]
@@ -226,5 +245,8 @@ fn relaxed_mode_acks_without_fdatasync_so_the_check_can_fail() {
     let dir = tempfile::tempdir().unwrap();
     let (checked, uncovered) = run_traced("relaxed", dir.path());
     assert_eq!(checked, 30);
-    assert_eq!(uncovered, 30, "relaxed mode must not fdatasync before acking");
+    assert_eq!(
+        uncovered, 30,
+        "relaxed mode must not fdatasync before acking"
+    );
 }

@@ -86,6 +86,11 @@ impl ServerProc {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
@@ -123,7 +128,10 @@ impl Drop for ServerProc {
 }
 
 fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Runs the CLI to completion with a timeout.
@@ -178,7 +186,9 @@ impl RawClient {
     pub fn login(addr: SocketAddr, token: &str, device: &str, epoch: u64) -> (Self, pb::Welcome) {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let mut c = Self {
             stream,
             buf: Vec::new(),
@@ -198,6 +208,11 @@ impl RawClient {
                 _ => {}
             }
         }
+    }
+
+    /// Writes raw bytes.
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
     }
 
     /// Writes one frame.
@@ -250,4 +265,96 @@ pub fn id(n: u64) -> [u8; 16] {
     id[..8].copy_from_slice(&n.to_le_bytes());
     id[8..].copy_from_slice(&0x7e7e_7e7e_u64.to_le_bytes());
     id
+}
+
+impl RawClient {
+    /// Pipelines `ids` (in order) to `to`, `window` at a time; returns the SEND_ACKs in
+    /// the order they arrived.
+    pub fn send_many(
+        &mut self,
+        to: &str,
+        ids: &[[u8; 16]],
+        text: impl Fn(usize) -> String,
+        window: usize,
+    ) -> Vec<pb::SendAck> {
+        let mut acks = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(window.max(1)).enumerate() {
+            let (c, chunk) = chunk;
+            let mut out = Vec::new();
+            for (i, id) in chunk.iter().enumerate() {
+                frame::encode_to(&send_frame(to, *id, &text(c * window + i)), &mut out);
+            }
+            self.stream.write_all(&out).unwrap();
+            let want = acks.len() + chunk.len();
+            while acks.len() < want {
+                match self.read() {
+                    Frame::SendAck(a) => acks.push(a),
+                    Frame::Error(e) => panic!("send refused: {e:?}"),
+                    _ => {}
+                }
+            }
+        }
+        acks
+    }
+}
+
+/// CLI arguments that log `user` in against `server` with state under `state_dir`.
+pub fn cli_auth(server: &ServerProc, user: &str, device: &str, state_dir: &Path) -> Vec<String> {
+    vec![
+        "--server".into(),
+        server.addr.to_string(),
+        "--user".into(),
+        user.into(),
+        "--data".into(),
+        server.data.to_string_lossy().into_owned(),
+        "--device".into(),
+        device.into(),
+        "--state-dir".into(),
+        state_dir.to_string_lossy().into_owned(),
+    ]
+}
+
+/// `tether send` as `user`; returns the parsed JSON line (panics unless exit 0).
+pub fn cli_send(
+    server: &ServerProc,
+    user: &str,
+    device: &str,
+    state_dir: &Path,
+    to: &str,
+    text: &str,
+) -> serde_json::Value {
+    let mut args: Vec<String> = vec!["send".into(), "--to".into(), to.into()];
+    args.extend(cli_auth(server, user, device, state_dir));
+    args.push(text.into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&argv, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "tether send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "one JSON line: {lines:?}");
+    lines[0].clone()
+}
+
+/// `tether recv --count n` as `user`; returns the output.
+pub fn cli_recv(
+    server: &ServerProc,
+    user: &str,
+    device: &str,
+    state_dir: &Path,
+    count: usize,
+    timeout_secs: u64,
+) -> Output {
+    let mut args: Vec<String> = vec![
+        "recv".into(),
+        "--count".into(),
+        count.to_string(),
+        "--timeout".into(),
+        timeout_secs.to_string(),
+    ];
+    args.extend(cli_auth(server, user, device, state_dir));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_cli(&argv, Duration::from_secs(timeout_secs + 30))
 }

@@ -1,0 +1,332 @@
+//! Issue 2's "must show", end to end: a real `tether serve` process on loopback, the
+//! `tether` CLI as users run it, and a raw protocol client where a test needs to
+//! pipeline or to control client message ids.
+
+mod common;
+
+use common::{RawClient, ServerProc, cli_recv, cli_send, id, json_lines, tether, wait_output};
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn texts(lines: &[serde_json::Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn seqs(lines: &[serde_json::Value]) -> Vec<u64> {
+    lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect()
+}
+
+/// Asserts the seqs are exactly `from..from+n`, in order.
+fn assert_gap_free(lines: &[serde_json::Value], from: u64) {
+    let got = seqs(lines);
+    let want: Vec<u64> = (from..from + got.len() as u64).collect();
+    assert_eq!(got, want, "seqs must be one gap-free increasing run");
+}
+
+#[test]
+fn offline_bob_receives_exactly_alices_100_in_order_and_alices_other_device_sees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    let mut sent_seqs = Vec::new();
+    for i in 0..100 {
+        let ack = cli_send(
+            &server,
+            "alice",
+            "cli",
+            &state,
+            "bob",
+            &format!("hello bob #{i}"),
+        );
+        assert!(ack["id"].as_u64().unwrap() > 0);
+        sent_seqs.push(ack["seq"].as_u64().unwrap());
+    }
+    assert!(
+        sent_seqs.windows(2).all(|w| w[0] < w[1]),
+        "sender seqs increase"
+    );
+
+    let out = cli_recv(&server, "bob", "cli", &state, 100, 20);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 100);
+    assert_gap_free(&lines, 1);
+    let want: Vec<String> = (0..100).map(|i| format!("hello bob #{i}")).collect();
+    assert_eq!(
+        texts(&lines),
+        want,
+        "exactly those 100, in order, each once"
+    );
+    for l in &lines {
+        assert_eq!(l["from"], "alice");
+        assert!(l["id"].as_u64().unwrap() > 0 && l["ts"].as_u64().unwrap() > 0);
+    }
+
+    // Nothing more for bob's device: its state moved past all 100.
+    let again = cli_recv(&server, "bob", "cli", &state, 1, 2);
+    assert!(
+        !again.status.success(),
+        "no 101st message, so recv times out"
+    );
+    assert!(json_lines(&again).is_empty());
+
+    // alice's second device sees her 100 sent messages.
+    let out = cli_recv(&server, "alice", "phone", &state, 100, 20);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(texts(&lines), want);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["from"] == "alice" && l["conversation"] == "bob")
+    );
+    assert_eq!(
+        seqs(&lines),
+        sent_seqs,
+        "her copies carry the seqs her SEND_ACKs announced"
+    );
+}
+
+#[test]
+fn acknowledged_messages_survive_sigkill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&data, &[]);
+    for i in 0..20 {
+        cli_send(
+            &server,
+            "alice",
+            "cli",
+            &state,
+            "bob",
+            &format!("before kill {i}"),
+        );
+    }
+    // And a pipelined burst from a raw client, killed mid-stream: everything it saw
+    // acknowledged must be there after the restart.
+    let (mut raw, _) = RawClient::login(server.addr, &server.token("carol"), "d", 1);
+    let ids: Vec<[u8; 16]> = (0..3000).map(id).collect();
+    let acks = raw.send_many("bob", &ids[..2000], |i| format!("burst {i}"), 200);
+    // More in flight, unacknowledged, as the server dies.
+    let mut unacked = Vec::new();
+    for (i, cmid) in ids[2000..].iter().enumerate() {
+        tether_proto::frame::encode_to(
+            &common::send_frame("bob", *cmid, &format!("burst {}", 2000 + i)),
+            &mut unacked,
+        );
+    }
+    raw.write_raw(&unacked);
+    server.kill9();
+
+    let server = ServerProc::start(&data, &[]);
+    let out = cli_recv(&server, "bob", "cli", &state, 2020, 60);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_gap_free(&lines, 1);
+    let got: HashSet<String> = texts(&lines).into_iter().collect();
+    for i in 0..20 {
+        assert!(got.contains(&format!("before kill {i}")));
+    }
+    for (i, _) in acks.iter().enumerate() {
+        assert!(
+            got.contains(&format!("burst {i}")),
+            "acknowledged burst {i} lost"
+        );
+    }
+}
+
+#[test]
+fn two_devices_each_get_everything_and_resume_from_their_own_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    for i in 0..10 {
+        cli_send(
+            &server,
+            "alice",
+            "cli",
+            &state,
+            "bob",
+            &format!("first {i}"),
+        );
+    }
+    let laptop = json_lines(&cli_recv(&server, "bob", "laptop", &state, 10, 20));
+    let phone = json_lines(&cli_recv(&server, "bob", "phone", &state, 10, 20));
+    assert_eq!(texts(&laptop), texts(&phone));
+    assert_eq!(laptop.len(), 10);
+
+    for i in 0..5 {
+        cli_send(
+            &server,
+            "alice",
+            "cli",
+            &state,
+            "bob",
+            &format!("second {i}"),
+        );
+    }
+    // The laptop reads 3 of the 5 and stops; the phone reads all 5.
+    let laptop = json_lines(&cli_recv(&server, "bob", "laptop", &state, 3, 20));
+    assert_eq!(seqs(&laptop), vec![11, 12, 13]);
+    let phone = json_lines(&cli_recv(&server, "bob", "phone", &state, 5, 20));
+    assert_eq!(seqs(&phone), vec![11, 12, 13, 14, 15]);
+    let laptop = json_lines(&cli_recv(&server, "bob", "laptop", &state, 2, 20));
+    assert_eq!(
+        seqs(&laptop),
+        vec![14, 15],
+        "the laptop resumes from its own cursor"
+    );
+}
+
+#[test]
+fn a_resent_client_msg_id_is_stored_once_and_answered_with_the_original_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    let (mut alice, _) = RawClient::login(server.addr, &server.token("alice"), "laptop", 1);
+    let first = alice.send_text("bob", id(42), "only once");
+    let second = alice.send_text("bob", id(42), "only once");
+    assert_eq!(
+        first, second,
+        "the original SEND_ACK, message id and seq included"
+    );
+    // Also across a reconnect.
+    drop(alice);
+    let (mut alice, _) = RawClient::login(server.addr, &server.token("alice"), "laptop", 2);
+    assert_eq!(alice.send_text("bob", id(42), "only once"), first);
+    let (_bob, welcome) = RawClient::login(server.addr, &server.token("bob"), "phone", 1);
+    assert_eq!(welcome.head, 1, "stored once");
+}
+
+fn outbox_len(state_file: &Path) -> usize {
+    std::fs::read_to_string(state_file)
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["outbox"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_killed_before_its_send_ack_resends_from_its_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&data, &[]);
+    let pid = server.pid();
+    // Freeze the server: the send reaches its socket but is never committed.
+    signal(pid, "STOP");
+    let mut args: Vec<String> = vec!["send".into(), "--to".into(), "bob".into()];
+    args.extend(common::cli_auth(&server, "alice", "cli", &state));
+    args.push("written before the crash".into());
+    let mut child = tether()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state_file = state.join("alice@cli.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outbox_len(&state_file) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the send never reached the state file's outbox"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(json_lines(&out).is_empty(), "no SEND_ACK was printed");
+    // The server dies without ever committing it.
+    signal(pid, "CONT");
+    server.kill9();
+
+    let server = ServerProc::start(&data, &[]);
+    let ack = cli_send(
+        &server,
+        "alice",
+        "cli",
+        &state,
+        "bob",
+        "written after the restart",
+    );
+    assert_eq!(outbox_len(&state_file), 0, "outbox drained");
+    assert_eq!(
+        ack["seq"].as_u64(),
+        Some(2),
+        "the resent one took seq 1 first"
+    );
+    let lines = json_lines(&cli_recv(&server, "bob", "cli", &state, 2, 20));
+    assert_eq!(
+        texts(&lines),
+        vec!["written before the crash", "written after the restart"],
+        "resent first, in order, each once"
+    );
+    let more = cli_recv(&server, "bob", "cli", &state, 1, 2);
+    assert!(json_lines(&more).is_empty(), "no duplicate");
+}
+
+#[test]
+fn a_device_replaying_10000_while_new_messages_arrive_sees_one_gap_free_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    let (mut alice, _) = RawClient::login(server.addr, &server.token("alice"), "laptop", 1);
+    let ids: Vec<[u8; 16]> = (0..12_000).map(id).collect();
+    alice.send_many("bob", &ids[..10_000], |i| format!("m{i}"), 500);
+
+    let mut args: Vec<String> = vec![
+        "recv".into(),
+        "--count".into(),
+        "12000".into(),
+        "--timeout".into(),
+        "120".into(),
+    ];
+    args.extend(common::cli_auth(&server, "bob", "cli", &state));
+    let recv = tether()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // New messages while the backlog replays.
+    alice.send_many("bob", &ids[10_000..], |i| format!("m{}", 10_000 + i), 50);
+    let out = wait_output(recv, Duration::from_secs(150));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 12_000);
+    assert_gap_free(&lines, 1);
+    let want: Vec<String> = (0..12_000).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts(&lines), want);
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}

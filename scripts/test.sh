@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every Tether test, installing what the tests need first.
+# Groups run one after another; each prints its wall time. Tests of real timing run
+# with one thread (serially).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)
+if ((${#need_pkgs[@]})); then
+  echo "== installing ${need_pkgs[*]} (apt)"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+declare -a summary=()
+group() {
+  local name="$1"; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@"
+  local took=$((SECONDS - start))
+  summary+=("$(printf '%-36s %4ds' "$name" "$took")")
+  echo "== $name: ${took}s"
+}
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+group "build (tests, debug)"          cargo test --workspace --no-run --quiet
+group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
+group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
+group "server (memory + TCP, bad input, power cut)" cargo test -p tether-server --test '*' --quiet
+group "end to end (CLI, processes; serial)" cargo test -p tether --test '*' --quiet -- --test-threads=1
+
+echo
+echo "== test group times"
+printf '%s\n' "${summary[@]}"
