@@ -26,6 +26,7 @@ pub struct ServerProc {
     /// Data directory.
     pub data: PathBuf,
     log: Arc<Mutex<String>>,
+    wrapped: bool,
 }
 
 impl ServerProc {
@@ -83,12 +84,24 @@ impl ServerProc {
             http: field("http=Some("),
             data: data.to_path_buf(),
             log,
+            wrapped: !wrapper.is_empty(),
         }
     }
 
-    /// The server's process id.
+    /// The server's process id (not the wrapper's).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        if !self.wrapped {
+            return self.child.id();
+        }
+        let out = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .expect("pgrep");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("the wrapped server's pid")
     }
 
     /// SIGKILL, no goodbye.
@@ -99,7 +112,7 @@ impl ServerProc {
 
     /// SIGTERM and wait for exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        unsafe_kill(self.child.id(), "TERM");
+        unsafe_kill(self.pid(), "TERM");
         self.child.wait().expect("wait")
     }
 
@@ -146,24 +159,47 @@ pub fn run_cli(args: &[&str], timeout: Duration) -> Output {
     wait_output(child, timeout)
 }
 
-/// Waits for a child with a deadline, killing it past the deadline.
+/// Waits for a child with a deadline, killing it past the deadline. Its output is
+/// drained while it runs, so a chatty child never blocks on a full pipe.
 pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
+    let (status, timed_out) = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break (status, false);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "timed out after {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            break (child.wait().expect("wait"), true);
         }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if timed_out {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        panic!(
+            "timed out after {timeout:?}; {} stdout lines, last: {:?}\nstderr:\n{}",
+            text.lines().count(),
+            tail,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
+    out
 }
 
 /// Parses stdout JSON lines.

@@ -1,0 +1,355 @@
+//! The app-facing handles: [`Client`] (owns the entry stream) and [`ClientHandle`]
+//! (cloneable: send, ack, sync, status, events). Both only talk to the driver task
+//! through bounded channels; no protocol logic lives here.
+
+use crate::config::ClientConfig;
+use crate::driver::{Control, Driver, SendRequest};
+use crate::error::{ClientError, DisconnectReason};
+use crate::state::{ClientMsgId, PendingSend, StateFile};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_proto::pb::{self, ErrorCode, KickReason};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// One inbox entry, as delivered by the server.
+pub type Entry = pb::Entry;
+
+/// Capacity of the event channel; a subscriber that lags further loses the oldest.
+const EVENT_CAPACITY: usize = 1024;
+/// Send requests queued towards the driver before `send` waits.
+const SEND_QUEUE: usize = 1024;
+
+/// The server's confirmation that a send is durably committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendAck {
+    /// The client message id of the send.
+    pub client_msg_id: ClientMsgId,
+    /// Server-assigned message id.
+    pub message_id: u64,
+    /// Seq of the copy in the sender's own inbox.
+    pub seq: u64,
+    /// Server timestamp, ms since the Unix epoch.
+    pub ts_ms: u64,
+}
+
+/// What WELCOME announced about a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The server address this session is on.
+    pub server: String,
+    /// Server-assigned session id.
+    pub session_id: String,
+    /// The authenticated user.
+    pub user_id: String,
+    /// Server clock at WELCOME, ms since the Unix epoch.
+    pub server_time_ms: u64,
+    /// Inbox epoch the cursor now belongs to.
+    pub inbox_epoch: u64,
+    /// First seq delivered on this session.
+    pub start_seq: u64,
+    /// Inbox head at WELCOME.
+    pub head: u64,
+    /// Heartbeat interval in force.
+    pub heartbeat_interval: Duration,
+    /// How long the server remembers client message ids.
+    pub dedup_window: Duration,
+    /// Largest frame either side may send.
+    pub max_frame: usize,
+}
+
+/// Where the client stands.
+#[derive(Debug, Clone)]
+pub enum ConnState {
+    /// Connecting, or waiting to reconnect.
+    Connecting,
+    /// A session is up.
+    Connected(SessionInfo),
+    /// The client stopped for good (kicked, auth failed, closed, ...).
+    Stopped(ClientError),
+}
+
+/// Something the app may want to know; see [`ClientHandle::events`].
+#[derive(Debug, Clone)]
+pub enum ClientEvent {
+    /// A session is up (after every reconnect too).
+    Connected(SessionInfo),
+    /// A connection attempt failed before reaching the server.
+    ConnectFailed {
+        /// The server tried.
+        server: String,
+        /// What failed.
+        detail: String,
+        /// When the next attempt starts.
+        retry_in: Duration,
+    },
+    /// A connection ended.
+    Disconnected {
+        /// Why.
+        reason: DisconnectReason,
+        /// When the next attempt starts; `None` if the client stops.
+        retry_in: Option<Duration>,
+    },
+    /// The server kicked this login.
+    Kicked {
+        /// Why.
+        reason: KickReason,
+        /// The server's explanation.
+        detail: String,
+    },
+    /// The inbox epoch changed: the cursor restarted at `start_seq` and entries of the
+    /// old epoch not yet handed over were discarded.
+    InboxReset {
+        /// Previous epoch.
+        old_epoch: u64,
+        /// New epoch.
+        new_epoch: u64,
+        /// Where delivery restarts.
+        start_seq: u64,
+    },
+    /// A send nobody waits for (restored from the state file) was confirmed.
+    SendAcked(SendAck),
+    /// A send nobody waits for (restored from the state file) was rejected.
+    SendRejected {
+        /// Which send.
+        client_msg_id: ClientMsgId,
+        /// The server's error code.
+        code: ErrorCode,
+        /// The server's explanation.
+        reason: String,
+    },
+    /// The client stopped for good.
+    Stopped(ClientError),
+}
+
+/// A cloneable handle to a running client: everything but receiving entries.
+#[derive(Debug, Clone)]
+pub struct ClientHandle {
+    sends: mpsc::Sender<SendRequest>,
+    controls: mpsc::Sender<Control>,
+    acks: Arc<watch::Sender<u64>>,
+    status: watch::Receiver<ConnState>,
+    events: broadcast::Sender<ClientEvent>,
+    first_events: Arc<Mutex<Option<broadcast::Receiver<ClientEvent>>>>,
+}
+
+/// A running client: a background driver task plus this handle. Derefs to
+/// [`ClientHandle`] for sending, acking and syncing.
+#[derive(Debug)]
+pub struct Client {
+    handle: ClientHandle,
+    entries: mpsc::Receiver<Entry>,
+    auto_ack: bool,
+    driver: JoinHandle<()>,
+}
+
+impl Client {
+    /// Loads the state file (if configured), spawns the driver task and returns at once;
+    /// connecting happens in the background. Must be called inside a tokio runtime.
+    pub fn start(config: ClientConfig) -> Result<Client, ClientError> {
+        config.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClientError::InvalidConfig(
+                "Client::start must be called inside a tokio runtime".into(),
+            ));
+        }
+        let state = match &config.state_path {
+            Some(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| ClientError::StateFile {
+                        path: path.clone(),
+                        detail: format!("cannot create its directory: {e}"),
+                    })?;
+                }
+                StateFile::load(path)
+                    .map_err(|e| ClientError::StateFile {
+                        path: path.clone(),
+                        detail: e.to_string(),
+                    })?
+                    .unwrap_or_default()
+            }
+            None => StateFile::default(),
+        };
+        let (sends_tx, sends_rx) = mpsc::channel(SEND_QUEUE);
+        let (controls_tx, controls_rx) = mpsc::channel(64);
+        let acks = Arc::new(watch::Sender::new(0u64));
+        let (status_tx, status_rx) = watch::channel(ConnState::Connecting);
+        let (events_tx, first_events) = broadcast::channel(EVENT_CAPACITY);
+        let (entries_tx, entries_rx) = mpsc::channel(config.entry_buffer);
+        let auto_ack = config.auto_ack;
+        let driver = Driver::new(
+            config,
+            state,
+            crate::driver::Channels {
+                sends: sends_rx,
+                controls: controls_rx,
+                acks: acks.subscribe(),
+                ack_requests: acks.clone(),
+                entries: entries_tx,
+                events: events_tx.clone(),
+                status: status_tx,
+            },
+        );
+        let driver = tokio::spawn(driver.run());
+        Ok(Client {
+            handle: ClientHandle {
+                sends: sends_tx,
+                controls: controls_tx,
+                acks,
+                status: status_rx,
+                events: events_tx,
+                first_events: Arc::new(Mutex::new(Some(first_events))),
+            },
+            entries: entries_rx,
+            auto_ack,
+            driver,
+        })
+    }
+
+    /// The next inbox entry, exactly once and in seq order; `None` once the client
+    /// has stopped and every entry was taken. Cancel-safe. With `auto_ack` the entry
+    /// is acknowledged as it is returned; otherwise call [`ClientHandle::ack`].
+    pub async fn recv(&mut self) -> Option<Entry> {
+        let entry = self.entries.recv().await?;
+        if self.auto_ack {
+            self.handle.ack(entry.seq);
+        }
+        Some(entry)
+    }
+
+    /// A cloneable handle, e.g. to send from another task while this one receives.
+    pub fn handle(&self) -> ClientHandle {
+        self.handle.clone()
+    }
+
+    /// Closes gracefully: persists the state, flushes pending ACKs, closes the
+    /// connection and waits for the driver to finish. Unconfirmed sends stay in the
+    /// state file and are resent by the next start.
+    pub async fn close(self) {
+        let _ = self.handle.controls.send(Control::Close).await;
+        drop(self.entries);
+        let _ = self.driver.await;
+    }
+}
+
+impl Deref for Client {
+    type Target = ClientHandle;
+
+    fn deref(&self) -> &ClientHandle {
+        &self.handle
+    }
+}
+
+impl ClientHandle {
+    /// Sends `body` to user `to` with a fresh client message id and no content type;
+    /// resolves once the server confirms it durably committed.
+    pub async fn send(&self, to: &str, body: Bytes) -> Result<SendAck, ClientError> {
+        self.send_with_id(ClientMsgId::random(), to, body, "").await
+    }
+
+    /// Sends with an explicit client message id and content type. The send is
+    /// persisted in the outbox before it leaves, and resent with the same id after
+    /// every reconnect until confirmed. Dropping the future does not cancel the send.
+    pub async fn send_with_id(
+        &self,
+        client_msg_id: ClientMsgId,
+        to: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<SendAck, ClientError> {
+        if to.is_empty() {
+            return Err(ClientError::InvalidRequest("send target is empty".into()));
+        }
+        let (reply, outcome) = oneshot::channel();
+        let request = SendRequest {
+            send: PendingSend {
+                client_msg_id,
+                to: to.to_string(),
+                body,
+                content_type: content_type.to_string(),
+            },
+            reply,
+        };
+        if self.sends.send(request).await.is_err() {
+            return Err(self.stop_error());
+        }
+        outcome.await.unwrap_or_else(|_| Err(self.stop_error()))
+    }
+
+    /// The app has processed every entry up to `seq`: the driver persists the cursor
+    /// and sends a cumulative ACK (coalesced; returns at once). Seqs beyond what was
+    /// handed over are clamped.
+    pub fn ack(&self, seq: u64) {
+        self.acks.send_if_modified(|requested| {
+            if seq > *requested {
+                *requested = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Reads inbox history `[from, to)` (`to` = 0: up to the head) in bounded batches.
+    /// Waits for a connection; a batch cut by a reconnect is asked again. Returns at
+    /// most 100,000 entries: continue from the last seq + 1 for more.
+    pub async fn sync(&self, from: u64, to: u64) -> Result<Vec<Entry>, ClientError> {
+        let (reply, outcome) = oneshot::channel();
+        let request = Control::Sync {
+            from: from.max(1),
+            to,
+            reply,
+        };
+        if self.controls.send(request).await.is_err() {
+            return Err(self.stop_error());
+        }
+        outcome.await.unwrap_or_else(|_| Err(self.stop_error()))
+    }
+
+    /// Waits until a session is up; fails at once if the client stopped.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<SessionInfo, ClientError> {
+        let mut status = self.status.clone();
+        let wait = async {
+            loop {
+                match status.borrow_and_update().clone() {
+                    ConnState::Connected(info) => return Ok(info),
+                    ConnState::Stopped(e) => return Err(e),
+                    ConnState::Connecting => {}
+                }
+                if status.changed().await.is_err() {
+                    return Err(self.stop_error());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(ClientError::Timeout))
+    }
+
+    /// Where the client stands now.
+    pub fn state(&self) -> ConnState {
+        self.status.borrow().clone()
+    }
+
+    /// Subscribes to events. The first call returns a receiver that has seen every
+    /// event since start (nothing is missed between `start` and subscribing); later
+    /// calls see events from then on. Events are advisory: a lagging receiver loses
+    /// the oldest.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.first_events
+            .lock()
+            .take()
+            .unwrap_or_else(|| self.events.subscribe())
+    }
+
+    /// The error the client stopped with, or `Closed`.
+    fn stop_error(&self) -> ClientError {
+        match &*self.status.borrow() {
+            ConnState::Stopped(e) => e.clone(),
+            _ => ClientError::Closed,
+        }
+    }
+}

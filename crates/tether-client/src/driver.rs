@@ -1,0 +1,1122 @@
+//! The background task: one per client. It owns the connection, the inbox cursor, the
+//! outbox and the state file, and is the only place that does I/O.
+//!
+//! One loop, one `select!`: app requests (sends, acks, syncs, close), the link (a
+//! handshake in progress, or frames of a live session), handing entries to the app,
+//! and one timer (reconnect, heartbeat, deferred persistence). Before each wait the
+//! loop *settles*: it persists the state if something durable changed, then lets
+//! durable sends, ACKs and SYNCs leave. So a send is always in the state file before
+//! its SEND leaves, and an ACK always follows the persisted cursor.
+
+use crate::backoff::Backoff;
+use crate::client::{ClientEvent, ConnState, Entry, SendAck, SessionInfo};
+use crate::config::{ClientConfig, token_subject};
+use crate::connector::{BoxTransport, Connector};
+use crate::error::{ClientError, DisconnectReason};
+use crate::heartbeat::{Heartbeat, HeartbeatAction};
+use crate::inbox::{Handoff, InboxCursor, WelcomeCheck};
+use crate::outbox::Outbox;
+use crate::state::{ClientMsgId, PendingSend, StateFile, write_atomic};
+use prost::Message;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tether_proto::frame::{self, kind_of};
+use tether_proto::pb::{self, ErrorCode, KickReason};
+use tether_proto::{DEFAULT_MAX_FRAME, DecodeError, Frame, PROTOCOL_VERSION, RawFrame, kind};
+use tether_transport::{TransportError, flush, recv};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{Instrument, debug, error, info, trace, warn};
+
+/// Frames handled per wake-up before the loop settles (persists, sends) again.
+const FRAMES_PER_WAKE: usize = 256;
+/// Stop queueing SENDs while this many bytes wait for the socket.
+const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// Entries received but not yet taken by the app. The server's credit window keeps
+/// this far lower; beyond it the server is misbehaving.
+const MAX_PENDING_ENTRIES: usize = 65_536;
+/// Entries asked for per SYNC.
+const SYNC_BATCH: u32 = 500;
+/// Most entries one `sync` call returns.
+const MAX_SYNC_ENTRIES: usize = 100_000;
+/// Confirmed sends are removed from the state file within this delay (a resend of a
+/// confirmed send is harmless: the server answers it with the original SEND_ACK).
+const DEFERRED_PERSIST: Duration = Duration::from_millis(200);
+/// Retry delay after the state file could not be written.
+const PERSIST_RETRY: Duration = Duration::from_secs(1);
+/// How long `close` waits for queued frames to leave.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Who waits for a send's outcome.
+pub(crate) type SendWaiter = oneshot::Sender<Result<SendAck, ClientError>>;
+
+/// A send from the app.
+#[derive(Debug)]
+pub(crate) struct SendRequest {
+    pub send: PendingSend,
+    pub reply: SendWaiter,
+}
+
+/// Requests from the app other than sends and acks.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Sync {
+        from: u64,
+        to: u64,
+        reply: oneshot::Sender<Result<Vec<Entry>, ClientError>>,
+    },
+    Close,
+}
+
+/// The driver's ends of the channels to the handles.
+pub(crate) struct Channels {
+    pub sends: mpsc::Receiver<SendRequest>,
+    pub controls: mpsc::Receiver<Control>,
+    /// Highest seq the app acknowledged (coalescing, never grows a queue).
+    pub acks: watch::Receiver<u64>,
+    /// The same watch, so the driver can reset it when the inbox epoch changes.
+    pub ack_requests: Arc<watch::Sender<u64>>,
+    pub entries: mpsc::Sender<Entry>,
+    pub events: broadcast::Sender<ClientEvent>,
+    pub status: watch::Sender<ConnState>,
+}
+
+/// A live session.
+struct Conn {
+    transport: BoxTransport,
+    heartbeat: Heartbeat,
+    info: SessionInfo,
+    /// Highest ACK this session knows of (the resume point counts).
+    acked_sent: u64,
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Handshake, AttemptError>> + Send>>;
+
+enum Link {
+    /// Waiting to (re)connect.
+    Down {
+        retry_at: Instant,
+    },
+    /// Connect + HELLO → WELCOME in progress.
+    Connecting {
+        server: String,
+        attempt: Attempt,
+        /// `last_seq` of the resume point sent in HELLO.
+        resumed_at: u64,
+    },
+    Up(Box<Conn>),
+    /// The client is done.
+    Stopped,
+}
+
+struct Handshake {
+    transport: BoxTransport,
+    welcome: pb::Welcome,
+}
+
+enum AttemptError {
+    /// The transport could not be opened.
+    Connect(String),
+    /// The server was reached, and the exchange ended.
+    Ended(Ending),
+}
+
+/// Why a connection ended and what happens next.
+struct Ending {
+    reason: DisconnectReason,
+    next: Next,
+}
+
+enum Next {
+    Retry {
+        floor: Duration,
+    },
+    GoAway {
+        delay: (Duration, Duration),
+        alternate: Option<String>,
+    },
+    Stop(ClientError),
+}
+
+enum LinkEvent {
+    Handshake(Result<Handshake, AttemptError>),
+    Frame(RawFrame),
+    /// Queued frames all left: more may be queued.
+    Drained,
+    Ended(Ending),
+}
+
+/// One `sync` call in progress.
+struct SyncJob {
+    next: u64,
+    to: u64,
+    entries: Vec<Entry>,
+    reply: oneshot::Sender<Result<Vec<Entry>, ClientError>>,
+    /// A SYNC for `next` is on the wire.
+    asked: bool,
+}
+
+pub(crate) struct Driver {
+    config: ClientConfig,
+    ch: Channels,
+    cursor: InboxCursor,
+    outbox: Outbox<SendWaiter>,
+    device_epoch: u64,
+    /// The ACK that may leave: the cursor as last persisted.
+    persisted_acked: u64,
+    /// Something durable changed: persist before anything leaves.
+    persist_now: bool,
+    /// Something changed that may be persisted later.
+    persist_by: Option<Instant>,
+    backoff: Backoff,
+    rng: StdRng,
+    server_index: usize,
+    /// GOAWAY's alternate address, used for the next attempt only.
+    alternate: Option<String>,
+    link: Link,
+    /// Entries handed over by the cursor but not yet taken by the channel.
+    pending: VecDeque<Entry>,
+    /// The app dropped its entry receiver.
+    app_gone: bool,
+    syncs: VecDeque<SyncJob>,
+    max_frame: usize,
+    /// Why the client stops, once it does.
+    stop: Option<ClientError>,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Driver {
+    pub(crate) fn new(config: ClientConfig, state: StateFile, ch: Channels) -> Self {
+        let cursor = InboxCursor::new(state.inbox_epoch, state.last_seq);
+        if !state.outbox.is_empty() {
+            info!(
+                count = state.outbox.len(),
+                "unconfirmed sends restored from the state file"
+            );
+        }
+        Self {
+            backoff: Backoff::new(config.backoff_base, config.backoff_cap),
+            persisted_acked: cursor.acked(),
+            cursor,
+            outbox: Outbox::restored(state.outbox),
+            device_epoch: state.device_epoch,
+            persist_now: false,
+            persist_by: None,
+            rng: StdRng::from_os_rng(),
+            server_index: 0,
+            alternate: None,
+            link: Link::Down { retry_at: now() },
+            pending: VecDeque::new(),
+            app_gone: false,
+            syncs: VecDeque::new(),
+            max_frame: DEFAULT_MAX_FRAME,
+            stop: None,
+            config,
+            ch,
+        }
+    }
+
+    /// Runs until the client is closed, kicked, refused, or every handle is dropped.
+    pub(crate) async fn run(self) {
+        let user = token_subject(&self.config.token).unwrap_or_default();
+        let span = tracing::info_span!("tether_client", %user, device = %self.config.device_id);
+        self.run_loop().instrument(span).await
+    }
+
+    async fn run_loop(mut self) {
+        loop {
+            self.settle().await;
+            if matches!(self.link, Link::Stopped) {
+                break;
+            }
+            let deadline = self.next_deadline();
+            let outbox_has_room = self.outbox.len() < self.config.max_outbox;
+            let wants_permit = !self.pending.is_empty() && !self.app_gone;
+            tokio::select! {
+                control = self.ch.controls.recv() => match control {
+                    Some(control) => self.on_control(control).await,
+                    None => self.close().await,
+                },
+                Ok(()) = self.ch.acks.changed() => self.on_ack_request(),
+                event = poll_fn(|cx| poll_link(&mut self.link, cx)) => self.on_link_event(event).await,
+                Some(request) = self.ch.sends.recv(), if outbox_has_room => self.on_send_requests(request),
+                permit = self.ch.entries.clone().reserve_owned(), if wants_permit => match permit {
+                    Ok(permit) => {
+                        if let Some(entry) = self.pending.pop_front() {
+                            permit.send(entry);
+                        }
+                    }
+                    Err(_) => self.on_app_gone(),
+                },
+                () = sleep_until(deadline) => self.on_timer().await,
+            }
+        }
+        self.finish().await;
+    }
+
+    /// Persists if needed, then lets whatever may leave leave.
+    async fn settle(&mut self) {
+        if self.persist_now || self.persist_by.is_some_and(|t| t <= now()) {
+            self.persist().await;
+        }
+        self.hand_over();
+        self.pump();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let link = match &self.link {
+            Link::Down { retry_at } => Some(*retry_at),
+            Link::Up(conn) => Some(conn.heartbeat.poll_timeout()),
+            Link::Connecting { .. } | Link::Stopped => None,
+        };
+        [link, self.persist_by].into_iter().flatten().min()
+    }
+
+    fn emit(&self, event: ClientEvent) {
+        // No subscriber is fine: events are advisory.
+        let _ = self.ch.events.send(event);
+    }
+
+    // ----- state file -----
+
+    async fn persist(&mut self) {
+        self.persist_now = false;
+        self.persist_by = None;
+        let acked = self.cursor.acked();
+        let Some(path) = self.config.state_path.clone() else {
+            self.outbox.mark_all_durable();
+            self.persisted_acked = acked;
+            return;
+        };
+        let snapshot = StateFile {
+            inbox_epoch: self.cursor.epoch(),
+            last_seq: acked,
+            device_epoch: self.device_epoch,
+            outbox: self.outbox.iter().cloned().collect(),
+        };
+        let bytes = snapshot.to_json();
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomic(&target, &bytes))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        // An ACK may leave either way: without the file a crash only replays entries.
+        self.persisted_acked = acked;
+        match written {
+            Ok(()) => self.outbox.mark_all_durable(),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot write the state file");
+                let failure = ClientError::StateFile {
+                    path,
+                    detail: e.to_string(),
+                };
+                for item in self.outbox.take_non_durable() {
+                    if let Some(waiter) = item.waiter {
+                        let _ = waiter.send(Err(failure.clone()));
+                    }
+                }
+                self.persist_by = Some(now() + PERSIST_RETRY);
+            }
+        }
+    }
+
+    fn persist_later(&mut self) {
+        if self.config.state_path.is_some() && self.persist_by.is_none() {
+            self.persist_by = Some(now() + DEFERRED_PERSIST);
+        }
+    }
+
+    // ----- app requests -----
+
+    fn on_send_requests(&mut self, first: SendRequest) {
+        self.accept_send(first);
+        while self.outbox.len() < self.config.max_outbox {
+            match self.ch.sends.try_recv() {
+                Ok(request) => self.accept_send(request),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn accept_send(&mut self, request: SendRequest) {
+        let len = 1 + send_message(&request.send).encoded_len();
+        if len > self.max_frame {
+            let _ = request.reply.send(Err(ClientError::TooLarge {
+                len,
+                limit: self.max_frame,
+            }));
+            return;
+        }
+        trace!(id = %request.send.client_msg_id, to = %request.send.to, "send queued");
+        self.outbox.push(request.send, Some(request.reply));
+        self.persist_now = true;
+    }
+
+    fn on_ack_request(&mut self) {
+        let requested = *self.ch.acks.borrow_and_update();
+        if self.cursor.ack(requested).is_some() {
+            self.persist_now = true;
+        }
+    }
+
+    async fn on_control(&mut self, control: Control) {
+        match control {
+            Control::Sync { from, to, reply } => self.syncs.push_back(SyncJob {
+                next: from,
+                to,
+                entries: Vec::new(),
+                reply,
+                asked: false,
+            }),
+            Control::Close => self.close().await,
+        }
+    }
+
+    fn on_app_gone(&mut self) {
+        debug!("the app dropped its entry receiver; entries are no longer handed over");
+        self.app_gone = true;
+        self.pending.clear();
+    }
+
+    fn hand_over(&mut self) {
+        while let Some(entry) = self.pending.pop_front() {
+            match self.ch.entries.try_send(entry) {
+                Ok(()) => {}
+                Err(TrySendError::Full(entry)) => {
+                    self.pending.push_front(entry);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => return self.on_app_gone(),
+            }
+        }
+    }
+
+    /// Queues what may leave on a live session: the persisted ACK, durable sends in
+    /// order (capped in flight and by queued bytes), the next SYNC batch.
+    fn pump(&mut self) {
+        let Link::Up(conn) = &mut self.link else {
+            return;
+        };
+        let mut frames = Vec::new();
+        if self.persisted_acked > conn.acked_sent {
+            conn.acked_sent = self.persisted_acked;
+            frames.push(Frame::Ack(pb::Ack {
+                seq: self.persisted_acked,
+            }));
+        }
+        while conn.transport.queued_bytes() < MAX_QUEUED_BYTES {
+            let Some(send) = self.outbox.next_to_send(self.config.max_in_flight) else {
+                break;
+            };
+            if let Err(e) = conn.transport.send(&Frame::Send(send_message(send))) {
+                return self.end_link(transport_ending(e));
+            }
+            conn.heartbeat.on_sent(now());
+        }
+        if let Some(job) = self.syncs.front_mut().filter(|job| !job.asked) {
+            job.asked = true;
+            frames.push(Frame::Sync(pb::Sync {
+                from_seq: job.next,
+                to_seq: job.to,
+                limit: SYNC_BATCH,
+            }));
+        }
+        for frame in frames {
+            self.send_frame(&frame);
+        }
+    }
+
+    /// Queues one frame on the live session.
+    fn send_frame(&mut self, frame: &Frame) {
+        let Link::Up(conn) = &mut self.link else {
+            return;
+        };
+        match conn.transport.send(frame) {
+            Ok(()) => conn.heartbeat.on_sent(now()),
+            Err(e) => self.end_link(transport_ending(e)),
+        }
+    }
+
+    // ----- the link -----
+
+    async fn on_timer(&mut self) {
+        let now = now();
+        match &mut self.link {
+            Link::Down { retry_at } if *retry_at <= now => self.start_attempt().await,
+            Link::Up(conn) => match conn.heartbeat.handle_timeout(now) {
+                HeartbeatAction::Ping => self.send_frame(&Frame::Ping(pb::Ping::default())),
+                HeartbeatAction::Dead => self.end_link(Ending {
+                    reason: DisconnectReason::UnknownTimeout,
+                    next: Next::Retry {
+                        floor: Duration::ZERO,
+                    },
+                }),
+                HeartbeatAction::Idle => {}
+            },
+            _ => {}
+        }
+    }
+
+    async fn start_attempt(&mut self) {
+        // A newer epoch than any earlier attempt, persisted before HELLO leaves; the
+        // clock keeps it newer even if the state file was lost.
+        self.device_epoch = (self.device_epoch + 1).max(unix_ms());
+        self.persist().await;
+        let server = self.alternate.take().unwrap_or_else(|| {
+            let servers = &self.config.servers;
+            servers[self.server_index % servers.len()].clone()
+        });
+        let resume = self.cursor.resume_point();
+        let resumed_at = resume.map_or(0, |r| r.last_seq);
+        let hello = pb::Hello {
+            version: PROTOCOL_VERSION,
+            token: self.config.token.clone(),
+            device_id: self.config.device_id.clone(),
+            device_epoch: self.device_epoch,
+            platform: self.config.platform.clone(),
+            app_version: self.config.app_version.clone(),
+            network: None,
+            heartbeat_mode: pb::HeartbeatMode::Idle as i32,
+            heartbeat_interval_ms: duration_ms_u32(self.config.heartbeat_interval),
+            resume,
+            probe: false,
+        };
+        debug!(%server, device_epoch = self.device_epoch, ?resume, "connecting");
+        let attempt = Box::pin(handshake(
+            self.config.connector.clone(),
+            server.clone(),
+            hello,
+            self.config.connect_timeout,
+        ));
+        self.link = Link::Connecting {
+            server,
+            attempt,
+            resumed_at,
+        };
+    }
+
+    async fn on_link_event(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Handshake(Ok(handshake)) => self.on_welcome(handshake),
+            LinkEvent::Handshake(Err(AttemptError::Connect(detail))) => {
+                self.on_connect_failed(detail)
+            }
+            LinkEvent::Handshake(Err(AttemptError::Ended(ending))) => self.end_link(ending),
+            LinkEvent::Ended(ending) => self.end_link(ending),
+            LinkEvent::Drained => {}
+            LinkEvent::Frame(raw) => {
+                self.on_frame(raw);
+                // Take what else is already there, so one persist covers a batch.
+                for _ in 1..FRAMES_PER_WAKE {
+                    let Link::Up(conn) = &mut self.link else {
+                        break;
+                    };
+                    let polled = poll_fn(|cx| Poll::Ready(conn.transport.poll_recv(cx))).await;
+                    match polled {
+                        Poll::Pending => break,
+                        Poll::Ready(Ok(Some(raw))) => self.on_frame(raw),
+                        Poll::Ready(Ok(None)) => self.end_link(closed_by_server()),
+                        Poll::Ready(Err(e)) => self.end_link(transport_ending(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_connect_failed(&mut self, detail: String) {
+        let server = match &self.link {
+            Link::Connecting { server, .. } => server.clone(),
+            _ => String::new(),
+        };
+        self.server_index = self.server_index.wrapping_add(1);
+        let delay = self.backoff.next_delay(&mut self.rng);
+        warn!(%server, %detail, retry_in = ?delay, "connect failed");
+        self.emit(ClientEvent::ConnectFailed {
+            server,
+            detail,
+            retry_in: delay,
+        });
+        self.link = Link::Down {
+            retry_at: now() + delay,
+        };
+    }
+
+    fn on_welcome(&mut self, handshake: Handshake) {
+        let (server, resumed_at) = match &self.link {
+            Link::Connecting {
+                server, resumed_at, ..
+            } => (server.clone(), *resumed_at),
+            _ => (String::new(), 0),
+        };
+        let Handshake {
+            mut transport,
+            welcome: w,
+        } = handshake;
+        let acked_sent = match self.cursor.on_welcome(w.inbox_epoch, w.start_seq) {
+            WelcomeCheck::Continue => resumed_at,
+            WelcomeCheck::Reset { old_epoch } => {
+                self.persist_now = true;
+                self.persisted_acked = self.cursor.acked();
+                self.ch.ack_requests.send_replace(0);
+                if old_epoch != 0 {
+                    warn!(
+                        old_epoch,
+                        new_epoch = w.inbox_epoch,
+                        start_seq = w.start_seq,
+                        "inbox epoch changed: cursor restarts"
+                    );
+                    self.pending.clear();
+                    for job in self.syncs.drain(..) {
+                        let _ = job.reply.send(Err(ClientError::InboxReset));
+                    }
+                    self.emit(ClientEvent::InboxReset {
+                        old_epoch,
+                        new_epoch: w.inbox_epoch,
+                        start_seq: w.start_seq,
+                    });
+                }
+                self.cursor.acked()
+            }
+        };
+        self.backoff.reset();
+        self.max_frame = if w.max_frame > 0 {
+            w.max_frame as usize
+        } else {
+            DEFAULT_MAX_FRAME
+        };
+        transport.set_max_frame(self.max_frame);
+        let limits = w.heartbeat.unwrap_or_default();
+        let interval = ms_or(limits.interval_ms, self.config.heartbeat_interval);
+        let pong_timeout = ms_or(limits.pong_timeout_ms, self.config.pong_timeout);
+        let info = SessionInfo {
+            server,
+            session_id: w.session_id,
+            user_id: w.user_id,
+            server_time_ms: w.server_time_ms,
+            inbox_epoch: w.inbox_epoch,
+            start_seq: w.start_seq,
+            head: w.head,
+            heartbeat_interval: interval,
+            dedup_window: Duration::from_millis(w.dedup_window_ms),
+            max_frame: self.max_frame,
+        };
+        info!(
+            server = %info.server,
+            session = %info.session_id,
+            inbox_epoch = info.inbox_epoch,
+            start_seq = info.start_seq,
+            head = info.head,
+            unconfirmed_sends = self.outbox.len(),
+            "connected"
+        );
+        // Every unconfirmed send goes again, oldest first, before anything newer.
+        self.outbox.restart();
+        self.link = Link::Up(Box::new(Conn {
+            transport,
+            heartbeat: Heartbeat::new(now(), interval, pong_timeout),
+            info: info.clone(),
+            acked_sent,
+        }));
+        self.ch
+            .status
+            .send_replace(ConnState::Connected(info.clone()));
+        self.emit(ClientEvent::Connected(info));
+    }
+
+    fn on_frame(&mut self, raw: RawFrame) {
+        let Link::Up(conn) = &mut self.link else {
+            return;
+        };
+        conn.heartbeat.on_received(now());
+        let frame = match frame::from_raw(&raw) {
+            Ok(frame) => frame,
+            Err(DecodeError::UnknownIgnorable(kind)) => {
+                trace!(kind, "ignorable frame skipped");
+                return;
+            }
+            Err(e) => return self.end_link(protocol_error(e.to_string())),
+        };
+        match frame {
+            Frame::Deliver(d) => self.on_deliver(d),
+            Frame::SendAck(a) => self.on_send_ack(a),
+            Frame::Error(e) => self.on_error(e),
+            Frame::Ping(_) => self.send_frame(&Frame::Pong(pb::Pong::default())),
+            Frame::Pong(_) => {}
+            Frame::SyncDone(s) => self.on_sync_done(s),
+            Frame::Kick(k) => self.on_kick(k),
+            Frame::GoAway(g) => self.end_link(go_away_ending(g)),
+            other => self.end_link(protocol_error(format!(
+                "unexpected {} from the server",
+                kind::name(kind_of(&other))
+            ))),
+        }
+    }
+
+    fn on_deliver(&mut self, deliver: pb::Deliver) {
+        let Some(entry) = deliver.entry else {
+            return;
+        };
+        match self.cursor.on_deliver(entry.seq) {
+            Handoff::Hand => {
+                if self.app_gone {
+                    return;
+                }
+                self.pending.push_back(entry);
+                if self.pending.len() > MAX_PENDING_ENTRIES {
+                    self.end_link(protocol_error(
+                        "the server ignores the credit window".to_string(),
+                    ));
+                }
+            }
+            Handoff::Duplicate => trace!(seq = entry.seq, "replayed entry dropped"),
+            Handoff::Gap { expected, got } => self.end_link(protocol_error(format!(
+                "gap in delivery: expected seq {expected}, got {got}"
+            ))),
+        }
+    }
+
+    fn on_send_ack(&mut self, a: pb::SendAck) {
+        let Some(id) = ClientMsgId::from_slice(&a.client_msg_id) else {
+            return;
+        };
+        let Some(item) = self.outbox.remove(&id) else {
+            debug!(%id, "SEND_ACK for a send no longer pending");
+            return;
+        };
+        let ack = SendAck {
+            client_msg_id: id,
+            message_id: a.message_id,
+            seq: a.seq,
+            ts_ms: a.ts_ms,
+        };
+        trace!(%id, message_id = a.message_id, "send confirmed");
+        match item.waiter {
+            Some(waiter) => {
+                let _ = waiter.send(Ok(ack));
+            }
+            None => self.emit(ClientEvent::SendAcked(ack)),
+        }
+        self.persist_later();
+    }
+
+    fn on_error(&mut self, e: pb::Error) {
+        let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        if let Some(id) = ClientMsgId::from_slice(&e.client_msg_id)
+            && let Some(item) = self.outbox.remove(&id)
+        {
+            warn!(%id, code = code.as_str_name(), reason = %e.reason, "send rejected");
+            match item.waiter {
+                Some(waiter) => {
+                    let _ = waiter.send(Err(ClientError::Rejected {
+                        code,
+                        reason: e.reason.clone(),
+                    }));
+                }
+                None => self.emit(ClientEvent::SendRejected {
+                    client_msg_id: id,
+                    code,
+                    reason: e.reason.clone(),
+                }),
+            }
+            self.persist_later();
+        }
+        if e.fatal {
+            self.end_link(ending_for_error(&e));
+        } else if e.client_msg_id.is_empty() {
+            warn!(code = code.as_str_name(), reason = %e.reason, "server reported an error");
+        }
+    }
+
+    fn on_kick(&mut self, k: pb::Kick) {
+        let reason = KickReason::try_from(k.reason).unwrap_or(KickReason::Unspecified);
+        warn!(reason = reason.as_str_name(), detail = %k.detail, "kicked");
+        self.emit(ClientEvent::Kicked {
+            reason,
+            detail: k.detail.clone(),
+        });
+        let next = match reason {
+            KickReason::Replaced | KickReason::Operator | KickReason::TokenRevoked => {
+                Next::Stop(ClientError::Kicked {
+                    reason,
+                    detail: k.detail,
+                })
+            }
+            KickReason::Unspecified => Next::Retry {
+                floor: Duration::ZERO,
+            },
+        };
+        self.end_link(Ending {
+            reason: DisconnectReason::Kicked { reason },
+            next,
+        });
+    }
+
+    fn on_sync_done(&mut self, done: pb::SyncDone) {
+        let Some(job) = self.syncs.front_mut().filter(|job| job.asked) else {
+            debug!("SYNC_DONE nobody asked for");
+            return;
+        };
+        job.asked = false;
+        let progressed = done.next_seq > job.next;
+        job.entries.extend(done.entries);
+        job.next = job.next.max(done.next_seq);
+        let finished = !progressed
+            || (job.to != 0 && job.next >= job.to)
+            // Nothing exists past the head (to = 0 means up to it).
+            || job.next > done.head
+            || job.entries.len() >= MAX_SYNC_ENTRIES;
+        if finished && let Some(job) = self.syncs.pop_front() {
+            let _ = job.reply.send(Ok(job.entries));
+        }
+    }
+
+    /// The connection (or attempt) is over: schedule what comes next.
+    fn end_link(&mut self, ending: Ending) {
+        if matches!(self.link, Link::Stopped) {
+            return;
+        }
+        let mut session = None;
+        if let Link::Up(conn) = &mut self.link {
+            conn.transport.shutdown();
+            session = Some(conn.info.session_id.clone());
+        }
+        let was_up = session.is_some();
+        for job in &mut self.syncs {
+            job.asked = false;
+        }
+        if matches!(
+            ending.reason,
+            DisconnectReason::UnknownTimeout
+                | DisconnectReason::ServerUnresponsive
+                | DisconnectReason::NetworkDead
+        ) {
+            // Prefer another server next time.
+            self.server_index = self.server_index.wrapping_add(1);
+        }
+        let retry_in = match ending.next {
+            Next::Retry { floor } => {
+                let delay = self.backoff.next_delay(&mut self.rng).max(floor);
+                self.link = Link::Down {
+                    retry_at: now() + delay,
+                };
+                Some(delay)
+            }
+            Next::GoAway {
+                delay: (min, max),
+                alternate,
+            } => {
+                let delay = if max > min {
+                    self.rng.random_range(min..=max)
+                } else {
+                    min
+                };
+                self.alternate = alternate;
+                self.link = Link::Down {
+                    retry_at: now() + delay,
+                };
+                Some(delay)
+            }
+            Next::Stop(error) => {
+                self.link = Link::Stopped;
+                self.stop = Some(error);
+                None
+            }
+        };
+        if was_up {
+            self.ch.status.send_replace(ConnState::Connecting);
+        }
+        warn!(reason = %ending.reason, ?session, ?retry_in, "disconnected");
+        self.emit(ClientEvent::Disconnected {
+            reason: ending.reason,
+            retry_in,
+        });
+    }
+
+    /// Graceful close: persist, let the last ACK leave, close the connection.
+    async fn close(&mut self) {
+        if matches!(self.link, Link::Stopped) {
+            return;
+        }
+        self.on_ack_request();
+        self.persist().await;
+        self.pump_ack_only();
+        let was_up = matches!(self.link, Link::Up(_));
+        if let Link::Up(conn) = &mut self.link {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, flush(&mut conn.transport)).await;
+            conn.transport.shutdown();
+        }
+        self.link = Link::Stopped;
+        self.stop = Some(ClientError::Closed);
+        if was_up {
+            info!("closed");
+            self.emit(ClientEvent::Disconnected {
+                reason: DisconnectReason::LocalClose,
+                retry_in: None,
+            });
+        }
+    }
+
+    fn pump_ack_only(&mut self) {
+        if let Link::Up(conn) = &mut self.link
+            && self.persisted_acked > conn.acked_sent
+        {
+            conn.acked_sent = self.persisted_acked;
+            let ack = Frame::Ack(pb::Ack {
+                seq: self.persisted_acked,
+            });
+            self.send_frame(&ack);
+        }
+    }
+
+    /// The client is done: final persist, then every waiter learns why.
+    async fn finish(&mut self) {
+        let error = self.stop.take().unwrap_or(ClientError::Closed);
+        self.on_ack_request();
+        self.persist().await;
+        // The sends stay in the state file; their callers learn they are unconfirmed.
+        for item in self.outbox.drain() {
+            if let Some(waiter) = item.waiter {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        for job in self.syncs.drain(..) {
+            let _ = job.reply.send(Err(error.clone()));
+        }
+        self.hand_over();
+        info!(%error, "client stopped");
+        self.ch
+            .status
+            .send_replace(ConnState::Stopped(error.clone()));
+        self.emit(ClientEvent::Stopped(error));
+    }
+}
+
+/// Polls the link without borrowing the rest of the driver.
+fn poll_link(link: &mut Link, cx: &mut Context<'_>) -> Poll<LinkEvent> {
+    match link {
+        Link::Connecting { attempt, .. } => attempt.as_mut().poll(cx).map(LinkEvent::Handshake),
+        Link::Up(conn) => {
+            let had_queued = conn.transport.queued_bytes() > 0;
+            if had_queued {
+                match conn.transport.poll_flush(cx) {
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(LinkEvent::Ended(transport_ending(e)));
+                    }
+                    Poll::Ready(Ok(())) => return Poll::Ready(LinkEvent::Drained),
+                    Poll::Pending => {}
+                }
+            }
+            match conn.transport.poll_recv(cx) {
+                Poll::Ready(Ok(Some(raw))) => Poll::Ready(LinkEvent::Frame(raw)),
+                Poll::Ready(Ok(None)) => Poll::Ready(LinkEvent::Ended(closed_by_server())),
+                Poll::Ready(Err(e)) => Poll::Ready(LinkEvent::Ended(transport_ending(e))),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+        Link::Down { .. } | Link::Stopped => Poll::Pending,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connect, HELLO, and wait for WELCOME, all within `timeout` each.
+async fn handshake(
+    connector: Arc<dyn Connector>,
+    server: String,
+    hello: pb::Hello,
+    timeout: Duration,
+) -> Result<Handshake, AttemptError> {
+    let mut transport = match tokio::time::timeout(timeout, connector.connect(&server)).await {
+        Ok(Ok(transport)) => transport,
+        Ok(Err(e)) => return Err(AttemptError::Connect(e.to_string())),
+        Err(_) => {
+            return Err(AttemptError::Connect(format!(
+                "connect timed out after {timeout:?}"
+            )));
+        }
+    };
+    match tokio::time::timeout(timeout, exchange_hello(&mut transport, hello)).await {
+        Ok(Ok(welcome)) => Ok(Handshake { transport, welcome }),
+        Ok(Err(ending)) => Err(AttemptError::Ended(ending)),
+        Err(_) => Err(AttemptError::Ended(Ending {
+            reason: DisconnectReason::UnknownTimeout,
+            next: Next::Retry {
+                floor: Duration::ZERO,
+            },
+        })),
+    }
+}
+
+async fn exchange_hello(
+    transport: &mut BoxTransport,
+    hello: pb::Hello,
+) -> Result<pb::Welcome, Ending> {
+    transport
+        .send(&Frame::Hello(hello))
+        .map_err(transport_ending)?;
+    flush(transport).await.map_err(transport_ending)?;
+    loop {
+        let raw = match recv(transport).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Err(closed_by_server()),
+            Err(e) => return Err(transport_ending(e)),
+        };
+        let frame = match frame::from_raw(&raw) {
+            Ok(frame) => frame,
+            Err(DecodeError::UnknownIgnorable(_)) => continue,
+            Err(e) => return Err(protocol_error(e.to_string())),
+        };
+        match frame {
+            Frame::Welcome(welcome) => return Ok(welcome),
+            Frame::Error(e) if e.fatal => return Err(ending_for_error(&e)),
+            Frame::Error(e) => {
+                let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+                if code == ErrorCode::InboxEpochChanged {
+                    info!(reason = %e.reason, "inbox epoch changed; restarting at WELCOME.start_seq");
+                } else {
+                    warn!(code = code.as_str_name(), reason = %e.reason, "server error before WELCOME");
+                }
+            }
+            Frame::Ping(_) => {
+                transport
+                    .send(&Frame::Pong(pb::Pong::default()))
+                    .map_err(transport_ending)?;
+                flush(transport).await.map_err(transport_ending)?;
+            }
+            Frame::Pong(_) => {}
+            Frame::GoAway(g) => return Err(go_away_ending(g)),
+            Frame::Kick(k) => {
+                let reason = KickReason::try_from(k.reason).unwrap_or(KickReason::Unspecified);
+                return Err(Ending {
+                    reason: DisconnectReason::Kicked { reason },
+                    next: Next::Stop(ClientError::Kicked {
+                        reason,
+                        detail: k.detail,
+                    }),
+                });
+            }
+            other => {
+                return Err(protocol_error(format!(
+                    "unexpected {} before WELCOME",
+                    kind::name(kind_of(&other))
+                )));
+            }
+        }
+    }
+}
+
+/// The SEND frame of a pending send.
+fn send_message(send: &PendingSend) -> pb::Send {
+    pb::Send {
+        client_msg_id: bytes::Bytes::copy_from_slice(&send.client_msg_id.0),
+        target: Some(pb::send::Target::User(send.to.clone())),
+        body: send.body.clone(),
+        content_type: send.content_type.clone(),
+    }
+}
+
+/// What a fatal ERROR means for the client.
+fn ending_for_error(e: &pb::Error) -> Ending {
+    let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+    let reason = e.reason.clone();
+    match code {
+        ErrorCode::AuthFailed => Ending {
+            reason: DisconnectReason::AuthFailed,
+            next: Next::Stop(ClientError::AuthFailed(reason)),
+        },
+        // Reconnecting would be refused the same way.
+        ErrorCode::UnsupportedVersion
+        | ErrorCode::StaleDeviceEpoch
+        | ErrorCode::ResumeAheadOfHead => Ending {
+            reason: DisconnectReason::ClosedByServer { code: Some(code) },
+            next: Next::Stop(ClientError::Refused { code, reason }),
+        },
+        _ => Ending {
+            reason: DisconnectReason::ClosedByServer { code: Some(code) },
+            next: Next::Retry {
+                floor: Duration::from_millis(e.retry_after_ms.into()),
+            },
+        },
+    }
+}
+
+fn go_away_ending(g: pb::GoAway) -> Ending {
+    let min = Duration::from_millis(g.min_delay_ms.into());
+    let max = Duration::from_millis(g.max_delay_ms.into()).max(min);
+    Ending {
+        reason: DisconnectReason::GoingAway,
+        next: Next::GoAway {
+            delay: (min, max),
+            alternate: (!g.alternate_address.is_empty()).then_some(g.alternate_address),
+        },
+    }
+}
+
+fn closed_by_server() -> Ending {
+    Ending {
+        reason: DisconnectReason::ClosedByServer { code: None },
+        next: Next::Retry {
+            floor: Duration::ZERO,
+        },
+    }
+}
+
+fn protocol_error(detail: String) -> Ending {
+    warn!(%detail, "protocol error");
+    Ending {
+        reason: DisconnectReason::ProtocolError { detail },
+        next: Next::Retry {
+            floor: Duration::ZERO,
+        },
+    }
+}
+
+fn transport_ending(e: TransportError) -> Ending {
+    let reason = match e {
+        TransportError::Io(_) | TransportError::Closed | TransportError::Truncated(_) => {
+            DisconnectReason::NetworkDead
+        }
+        TransportError::Frame(_) | TransportError::BadPreamble => DisconnectReason::ProtocolError {
+            detail: e.to_string(),
+        },
+    };
+    Ending {
+        reason,
+        next: Next::Retry {
+            floor: Duration::ZERO,
+        },
+    }
+}
+
+fn ms_or(ms: u32, default: Duration) -> Duration {
+    if ms > 0 {
+        Duration::from_millis(ms.into())
+    } else {
+        default
+    }
+}
+
+fn duration_ms_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,63 @@
+//! Tether's Rust client SDK.
+//!
+//! **Owns** the client half of the long connection:
+//! - *connection lifecycle*: connect, HELLO/WELCOME, resume, heartbeat, reconnect with
+//!   capped exponential backoff and full jitter, server failover, GOAWAY, KICK;
+//! - *client-side QoS*: an [`Outbox`] that keeps every send, with its client message id,
+//!   until SEND_ACK and resends all of them in order after each reconnect; an
+//!   [`InboxCursor`] that hands each inbox entry to the app exactly once and in order,
+//!   and never skips one (a gap restarts the connection from the resume point);
+//! - *state persistence*: the [`StateFile`] `(inbox_epoch, last_seq, device_epoch,
+//!   outbox)`, written atomically, so a restarted process resumes where it left off.
+//!
+//! **Must not**: verify tokens (the server does), reorder or drop sends, skip inbox
+//! entries, grow memory without bound (sends in flight, the outbox, entries waiting for
+//! the app are all capped; a slow app stalls the server's credit window instead), or
+//! print anything (it logs with `tracing`).
+//!
+//! Architecture: [`Client::start`] spawns one driver task that does all I/O; the app
+//! talks to it through bounded channels via [`Client`] and [`ClientHandle`]. The rules
+//! themselves ([`InboxCursor`], [`Outbox`], [`Backoff`], [`Heartbeat`]) are plain state
+//! machines with time passed in, unit-tested without sockets or sleeps. Transports come
+//! from a [`Connector`]: TCP by address, or in-memory pipes ([`memory_connector`]) for
+//! tests and benchmarks.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tether_client::ClientError> {
+//! use tether_client::{Client, ClientConfig};
+//! let mut config = ClientConfig::new("127.0.0.1:7400", "<jwt>", "phone");
+//! config.state_path = Some("alice@phone.json".into());
+//! let mut client = Client::start(config)?;
+//! client.send("bob", "hi".into()).await?;
+//! while let Some(entry) = client.recv().await {
+//!     // ... process ...
+//!     client.ack(entry.seq);
+//! }
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+mod client;
+pub mod config;
+pub mod connector;
+mod driver;
+pub mod error;
+pub mod heartbeat;
+pub mod inbox;
+pub mod outbox;
+pub mod state;
+
+pub use backoff::Backoff;
+pub use client::{Client, ClientEvent, ClientHandle, ConnState, Entry, SendAck, SessionInfo};
+pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};
+pub use connector::{
+    BoxTransport, Connector, MemoryConnector, MemoryListener, TcpConnector, memory_connector,
+};
+pub use error::{ClientError, DisconnectReason};
+pub use heartbeat::Heartbeat;
+pub use inbox::InboxCursor;
+pub use outbox::Outbox;
+pub use state::{ClientMsgId, PendingSend, StateFile};
+pub use tether_proto::pb::{EntryType, ErrorCode, KickReason};

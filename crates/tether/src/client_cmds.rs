@@ -1,0 +1,482 @@
+//! `tether send`, `tether recv`, `tether chat`: thin command-line fronts for the
+//! tether-client SDK. State (cursor, device epoch, unconfirmed sends) is kept per user
+//! and device in `<state-dir>/<user>@<device>.json`, so each invocation resumes where
+//! the previous one of the same device stopped.
+
+use bytes::Bytes;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tether_client::{
+    Client, ClientConfig, ClientError, ClientEvent, ClientMsgId, ConnState, DEFAULT_SERVER,
+    DisconnectReason, Entry, EntryType, StateFile, token_subject,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How to reach the server and who to be; shared by every client command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Server address (host:port).
+    #[arg(long, default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// Login token (a JWT whose `sub` is the user).
+    #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+    pub token: Option<String>,
+    /// Log in as this user with a token minted from the data dir's secret.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Data directory of a local server (for --user).
+    #[arg(long, default_value = "tether-data")]
+    pub data: PathBuf,
+    /// Device id of this client.
+    #[arg(long, default_value = "cli")]
+    pub device: String,
+    /// Where state files (`<user>@<device>.json`) are kept.
+    #[arg(long, default_value = "tether-client")]
+    pub state_dir: PathBuf,
+}
+
+/// `tether send`.
+#[derive(clap::Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Recipient user.
+    #[arg(long)]
+    pub to: String,
+    /// Give up after this many seconds (the message stays queued in the state file
+    /// and is resent by the next run). Default: wait until confirmed.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Message text.
+    pub text: String,
+}
+
+/// `tether recv`.
+#[derive(clap::Args, Debug)]
+pub struct RecvArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Exit 0 after this many entries. Default: run until interrupted.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit 2 if not done this many seconds after start. Default: no limit.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+/// `tether chat`.
+#[derive(clap::Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// The peer to chat with.
+    #[arg(long)]
+    pub to: String,
+}
+
+/// Exit code for "timed out".
+const EXIT_TIMEOUT: u8 = 2;
+
+/// One JSON line per delivered entry.
+#[derive(Serialize)]
+struct EntryLine<'a> {
+    seq: u64,
+    id: u64,
+    from: &'a str,
+    from_device: &'a str,
+    conversation: &'a str,
+    text: String,
+    ts: u64,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// The JSON line `tether send` prints on success.
+#[derive(Serialize)]
+struct SentLine {
+    id: u64,
+    seq: u64,
+    ts: u64,
+    client_msg_id: String,
+}
+
+/// A configured client, and the user it logs in as.
+struct Login {
+    config: ClientConfig,
+    user: String,
+    state_path: PathBuf,
+}
+
+fn login(conn: &ConnArgs) -> Result<Login, String> {
+    let token = match (&conn.token, &conn.user) {
+        (Some(token), _) => token.clone(),
+        (None, Some(user)) => tether_server::auth::mint_token(&conn.data, user)
+            .map_err(|e| format!("cannot mint a token for {user}: {e}"))?,
+        (None, None) => return Err("--token or --user is required".into()),
+    };
+    let user = token_subject(&token)
+        .or_else(|| conn.user.clone())
+        .ok_or("the token carries no user (`sub` claim)")?;
+    let state_path = conn.state_dir.join(format!(
+        "{}@{}.json",
+        file_safe(&user),
+        file_safe(&conn.device)
+    ));
+    let mut config = ClientConfig::new(conn.server.clone(), token, conn.device.clone());
+    config.state_path = Some(state_path.clone());
+    config.platform = "cli".into();
+    config.app_version = concat!("tether-cli/", env!("CARGO_PKG_VERSION")).into();
+    Ok(Login {
+        config,
+        user,
+        state_path,
+    })
+}
+
+/// Keeps a user or device id usable as part of a file name.
+fn file_safe(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn fail(cmd: &str, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tether {cmd}: {message}");
+    ExitCode::FAILURE
+}
+
+fn secs(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX)
+}
+
+fn deadline_after(timeout: Option<f64>) -> Option<tokio::time::Instant> {
+    timeout.map(|t| tokio::time::Instant::now() + secs(t).min(Duration::from_secs(1 << 32)))
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Prints connection trouble and other notable events on stderr.
+fn report_events(
+    cmd: &'static str,
+    mut events: broadcast::Receiver<ClientEvent>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let event = match events.recv().await {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            match event {
+                ClientEvent::Connected(info) if cmd == "chat" => {
+                    eprintln!("-- connected to {} as {}", info.server, info.user_id)
+                }
+                ClientEvent::ConnectFailed {
+                    server,
+                    detail,
+                    retry_in,
+                } => eprintln!(
+                    "tether {cmd}: cannot connect to {server}: {detail}; retrying in {:.1}s",
+                    retry_in.as_secs_f64()
+                ),
+                ClientEvent::Disconnected {
+                    reason: DisconnectReason::LocalClose,
+                    ..
+                } => {}
+                ClientEvent::Disconnected { reason, retry_in } => match retry_in {
+                    Some(delay) => eprintln!(
+                        "tether {cmd}: disconnected: {reason}; reconnecting in {:.1}s",
+                        delay.as_secs_f64()
+                    ),
+                    None => eprintln!("tether {cmd}: disconnected: {reason}"),
+                },
+                ClientEvent::InboxReset {
+                    old_epoch,
+                    new_epoch,
+                    start_seq,
+                } => eprintln!(
+                    "tether {cmd}: the inbox was reset (epoch {old_epoch} -> {new_epoch}); \
+                     continuing from seq {start_seq}"
+                ),
+                ClientEvent::SendAcked(ack) => eprintln!(
+                    "tether {cmd}: earlier message {} confirmed (id {}, seq {})",
+                    ack.client_msg_id, ack.message_id, ack.seq
+                ),
+                ClientEvent::SendRejected {
+                    client_msg_id,
+                    code,
+                    reason,
+                } => eprintln!(
+                    "tether {cmd}: earlier message {client_msg_id} rejected: {} ({reason})",
+                    code.as_str_name()
+                ),
+                _ => {}
+            }
+        }
+    })
+}
+
+fn stop_reason(client: &Client) -> ClientError {
+    match client.state() {
+        ConnState::Stopped(e) => e,
+        _ => ClientError::Closed,
+    }
+}
+
+fn note_left_over_sends(cmd: &str, state_path: &Path) {
+    if let Ok(Some(state)) = StateFile::load(state_path)
+        && !state.outbox.is_empty()
+    {
+        eprintln!(
+            "tether {cmd}: resending {} unconfirmed message(s) from an earlier run",
+            state.outbox.len()
+        );
+    }
+}
+
+/// `tether send`: exits 0 only after the server confirmed the message.
+pub async fn run_send(args: SendArgs) -> ExitCode {
+    let login = match login(&args.conn) {
+        Ok(login) => login,
+        Err(e) => return fail("send", e),
+    };
+    note_left_over_sends("send", &login.state_path);
+    let client = match Client::start(login.config) {
+        Ok(client) => client,
+        Err(e) => return fail("send", e),
+    };
+    let reporter = report_events("send", client.events());
+    let id = ClientMsgId::random();
+    let sending = client.send_with_id(id, &args.to, Bytes::from(args.text), "text/plain");
+    let outcome = tokio::select! {
+        outcome = sending => Some(outcome),
+        () = sleep_until(deadline_after(args.timeout)) => None,
+    };
+    let code = match outcome {
+        Some(Ok(ack)) => {
+            let line = SentLine {
+                id: ack.message_id,
+                seq: ack.seq,
+                ts: ack.ts_ms,
+                client_msg_id: ack.client_msg_id.to_hex(),
+            };
+            print_json_line(&line);
+            ExitCode::SUCCESS
+        }
+        Some(Err(e)) => fail("send", format!("message {id} not confirmed: {e}")),
+        None => {
+            eprintln!(
+                "tether send: timed out; message {id} is not confirmed (it stays queued in {} \
+                 and is resent by the next run)",
+                login.state_path.display()
+            );
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+    };
+    client.close().await;
+    reporter.abort();
+    code
+}
+
+/// `tether recv`: prints each entry as a JSON line, then acknowledges it.
+pub async fn run_recv(args: RecvArgs) -> ExitCode {
+    let login = match login(&args.conn) {
+        Ok(login) => login,
+        Err(e) => return fail("recv", e),
+    };
+    let mut client = match Client::start(login.config) {
+        Ok(client) => client,
+        Err(e) => return fail("recv", e),
+    };
+    let reporter = report_events("recv", client.events());
+    let deadline = deadline_after(args.timeout);
+    let mut received = 0u64;
+    let code = loop {
+        if args.count.is_some_and(|n| received >= n) {
+            break ExitCode::SUCCESS;
+        }
+        let next = tokio::select! {
+            entry = client.recv() => entry,
+            () = sleep_until(deadline) => {
+                let wanted = args.count.map_or(String::new(), |n| format!(" of {n}"));
+                eprintln!("tether recv: timed out after {received}{wanted} entries");
+                break ExitCode::from(EXIT_TIMEOUT);
+            }
+            _ = tokio::signal::ctrl_c() => break ExitCode::SUCCESS,
+        };
+        let Some(entry) = next else {
+            break fail("recv", stop_reason(&client));
+        };
+        print_json_line(&entry_line(&entry));
+        // Printed and flushed: now it counts as processed.
+        client.ack(entry.seq);
+        received += 1;
+    };
+    client.close().await;
+    reporter.abort();
+    code
+}
+
+/// `tether chat`: lines typed are sent to the peer; incoming entries are printed.
+pub async fn run_chat(args: ChatArgs) -> ExitCode {
+    let login = match login(&args.conn) {
+        Ok(login) => login,
+        Err(e) => return fail("chat", e),
+    };
+    note_left_over_sends("chat", &login.state_path);
+    let me = login.user.clone();
+    let device = args.conn.device.clone();
+    let mut client = match Client::start(login.config) {
+        Ok(client) => client,
+        Err(e) => return fail("chat", e),
+    };
+    let reporter = report_events("chat", client.events());
+    eprintln!("-- chatting with {} as {me}; Ctrl-D to quit", args.to);
+    let mut lines = stdin_lines();
+    let mut sends = JoinSet::new();
+    let code = loop {
+        tokio::select! {
+            line = lines.recv() => match line {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => {
+                    let handle = client.handle();
+                    let to = args.to.clone();
+                    sends.spawn(async move {
+                        let body = Bytes::from(line.clone());
+                        let outcome = handle.send_with_id(ClientMsgId::random(), &to, body, "text/plain").await;
+                        match outcome {
+                            Ok(ack) => println!("[{}] me: {line}", clock(ack.ts_ms)),
+                            Err(e) => eprintln!("-- not confirmed: {line:?}: {e}"),
+                        }
+                    });
+                }
+                None => break ExitCode::SUCCESS,
+            },
+            entry = client.recv() => {
+                let Some(entry) = entry else {
+                    break fail("chat", stop_reason(&client));
+                };
+                // This device's own sends were already shown when confirmed.
+                if !(entry.from == me && entry.from_device == device) {
+                    let text = String::from_utf8_lossy(&entry.body);
+                    println!("[{}] {}: {text}", clock(entry.ts_ms), entry.from);
+                }
+                client.ack(entry.seq);
+            }
+            Some(_) = sends.join_next() => {}
+            _ = tokio::signal::ctrl_c() => break ExitCode::SUCCESS,
+        }
+    };
+    // Give sends typed just before Ctrl-D a moment to be confirmed; any that are not
+    // stay in the state file and go out with the next run.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while sends.join_next().await.is_some() {}
+    })
+    .await;
+    client.close().await;
+    reporter.abort();
+    code
+}
+
+/// Lines from stdin, read on a plain thread (stdin reads block).
+fn stdin_lines() -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn entry_line(entry: &Entry) -> EntryLine<'_> {
+    let kind = match EntryType::try_from(entry.r#type) {
+        Ok(EntryType::Message) => "message",
+        Ok(EntryType::Receipt) => "receipt",
+        _ => "unspecified",
+    };
+    EntryLine {
+        seq: entry.seq,
+        id: entry.message_id,
+        from: &entry.from,
+        from_device: &entry.from_device,
+        conversation: &entry.conversation,
+        text: String::from_utf8_lossy(&entry.body).into_owned(),
+        ts: entry.ts_ms,
+        kind,
+    }
+}
+
+fn print_json_line(value: &impl Serialize) {
+    let mut out = std::io::stdout().lock();
+    // Plain structs always serialize.
+    let line = serde_json::to_string(value).unwrap_or_default();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// `HH:MM:SS` (UTC) of a timestamp in ms since the Unix epoch.
+fn clock(ts_ms: u64) -> String {
+    let day_secs = (ts_ms / 1000) % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}",
+        day_secs / 3600,
+        (day_secs / 60) % 60,
+        day_secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_formats_utc_time_of_day() {
+        assert_eq!(clock(0), "00:00:00");
+        assert_eq!(clock(1_700_000_000_000), "22:13:20");
+    }
+
+    #[test]
+    fn state_file_names_stay_inside_the_state_dir() {
+        assert_eq!(file_safe("../evil/x"), ".._evil_x");
+        assert_eq!(file_safe("alice"), "alice");
+    }
+
+    #[test]
+    fn entry_lines_have_the_documented_fields() {
+        let entry = Entry {
+            seq: 3,
+            message_id: 9,
+            from: "bob".into(),
+            from_device: "cli".into(),
+            conversation: "bob".into(),
+            body: Bytes::from_static(b"hi \xff"),
+            content_type: "text/plain".into(),
+            ts_ms: 5,
+            r#type: EntryType::Message as i32,
+        };
+        let json = serde_json::to_string(&entry_line(&entry)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":3,"id":9,"from":"bob","from_device":"cli","conversation":"bob","text":"hi �","ts":5,"type":"message"}"#
+        );
+    }
+}
