@@ -17,8 +17,8 @@
 //!
 //! Architecture: [`Client::start`] spawns one driver task that does all I/O; the app
 //! talks to it through bounded channels via [`Client`] and [`ClientHandle`]. The rules
-//! themselves ([`InboxCursor`], [`Outbox`], [`Backoff`], [`Heartbeat`]) are plain state
-//! machines with time passed in, unit-tested without sockets or sleeps. Transports come
+//! themselves ([`InboxCursor`], [`Backoff`], [`Heartbeat`] from tether-core, and the
+//! [`Outbox`]) are plain state machines with time passed in, unit-tested without sockets or sleeps. Transports come
 //! from a [`Connector`]: TCP by address, or in-memory pipes ([`memory_connector`]) for
 //! tests and benchmarks.
 //!
@@ -38,17 +38,15 @@
 
 #![warn(missing_docs)]
 
-pub mod backoff;
 mod client;
 pub mod config;
 pub mod connector;
 mod driver;
 pub mod error;
-pub mod heartbeat;
-pub mod inbox;
 pub mod outbox;
 pub mod state;
 
+pub use tether_core::{backoff, heartbeat, inbox};
 pub use backoff::Backoff;
 pub use client::{Client, ClientEvent, ClientHandle, ConnState, Entry, SendAck, SessionInfo};
 pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};

@@ -1,0 +1,12 @@
+//! Tether's protocol rules as plain state machines (the quinn-proto model): every
+//! input carries the time it happened, every timer is exposed as a deadline to poll,
+//! and nothing here touches a socket, a clock or a runtime. The SDK and the server
+//! drive these; tests drive them with fake instants.
+//!
+//! - [`heartbeat`]: when to PING and when the link is dead (DESIGN §4).
+//! - [`backoff`]: capped exponential reconnect backoff with full jitter.
+//! - [`inbox`]: the client's cursor: each entry handed to the app once, in order.
+
+pub mod backoff;
+pub mod heartbeat;
+pub mod inbox;
