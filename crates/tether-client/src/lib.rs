@@ -46,7 +46,6 @@ pub mod error;
 pub mod outbox;
 pub mod state;
 
-pub use tether_core::{backoff, heartbeat, inbox};
 pub use backoff::Backoff;
 pub use client::{Client, ClientEvent, ClientHandle, ConnState, Entry, SendAck, SessionInfo};
 pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};
@@ -58,4 +57,5 @@ pub use heartbeat::Heartbeat;
 pub use inbox::InboxCursor;
 pub use outbox::Outbox;
 pub use state::{ClientMsgId, PendingSend, StateFile};
+pub use tether_core::{backoff, heartbeat, inbox};
 pub use tether_proto::pb::{EntryType, ErrorCode, KickReason};

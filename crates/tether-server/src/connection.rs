@@ -713,10 +713,10 @@ impl<T: Transport> Conn<T> {
     }
     /// Waits for the next thing to do, flushing queued bytes meanwhile.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.t.queued_bytes() > 0 {
-            if let Poll::Ready(Err(e)) = self.t.poll_flush(cx) {
-                return Poll::Ready(Event::Closed(transport_close(e)));
-            }
+        if self.t.queued_bytes() > 0
+            && let Poll::Ready(Err(e)) = self.t.poll_flush(cx)
+        {
+            return Poll::Ready(Event::Closed(transport_close(e)));
         }
         let bits = self.session.poll_signals(cx);
         if bits != 0 {

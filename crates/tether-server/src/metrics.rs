@@ -48,13 +48,10 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             messages_delivered: Counter::default(),
             protocol_errors: Counter::default(),
-            commit_latency: Histogram::new(
-                [
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
-                ]
-                .into_iter(),
-            ),
-            commit_batch: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0].into_iter()),
+            commit_latency: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+            ]),
+            commit_batch: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0]),
             registry: Registry::default(),
         };
         registry.register(

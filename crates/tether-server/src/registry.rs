@@ -8,7 +8,7 @@ use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::Context;
@@ -129,9 +129,7 @@ impl Default for Registry {
 
 impl Registry {
     fn shard(&self, user: &str) -> &Shard {
-        let mut h = self.hasher.build_hasher();
-        user.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
     /// Adds a login. A newer (or equal) device epoch replaces the active login of the

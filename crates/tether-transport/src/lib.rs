@@ -64,7 +64,8 @@ impl TransportKind {
 /// [`Transport::poll_flush`] pushes queued frames out and is how backpressure is felt.
 pub trait Transport: Send + Unpin + 'static {
     /// The next whole frame; `Ok(None)` on an orderly end of stream.
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>>;
+    fn poll_recv(&mut self, cx: &mut Context<'_>)
+    -> Poll<Result<Option<RawFrame>, TransportError>>;
 
     /// Sets the largest frame (kind + payload) accepted from the peer from now on.
     fn set_max_frame(&mut self, limit: usize);
@@ -100,7 +101,10 @@ pub async fn recv<T: Transport + ?Sized>(t: &mut T) -> Result<Option<RawFrame>, 
 
 /// Boxed transports are transports.
 impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<RawFrame>, TransportError>> {
         (**self).poll_recv(cx)
     }
     fn set_max_frame(&mut self, limit: usize) {

@@ -98,7 +98,10 @@ impl MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<RawFrame>, TransportError>> {
         let rx = self.rx();
         let mut q = rx.queue.lock();
         if q.frames.is_empty() && !q.writer_closed {
@@ -224,7 +227,10 @@ mod tests {
         drop(c);
         for i in 0..10 {
             let raw = recv(&mut s).await.unwrap().unwrap();
-            assert_eq!(frame::from_raw(&raw).unwrap(), Frame::Ack(pb::Ack { seq: i }));
+            assert_eq!(
+                frame::from_raw(&raw).unwrap(),
+                Frame::Ack(pb::Ack { seq: i })
+            );
         }
         assert!(recv(&mut s).await.unwrap().is_none());
     }

@@ -102,7 +102,10 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<RawFrame>, TransportError>> {
+    fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<RawFrame>, TransportError>> {
         // Frames already received come first.
         if self.inpos < self.inbuf.len() {
             let pending = std::mem::take(&mut self.inbuf);
@@ -245,7 +248,10 @@ mod tests {
         assert_eq!(c.out.capacity(), 0);
         for i in 0..100u64 {
             let raw = recv(&mut s).await.unwrap().unwrap();
-            assert_eq!(frame::from_raw(&raw).unwrap(), Frame::Ack(pb::Ack { seq: i }));
+            assert_eq!(
+                frame::from_raw(&raw).unwrap(),
+                Frame::Ack(pb::Ack { seq: i })
+            );
         }
         assert_eq!(s.inbuf.capacity(), 0, "idle server keeps no read buffer");
     }
@@ -258,7 +264,10 @@ mod tests {
         let (accepted, _) = listener.accept().await.unwrap();
         let mut s = TcpTransport::accepted(accepted, 4096);
         raw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        assert!(matches!(recv(&mut s).await, Err(TransportError::BadPreamble)));
+        assert!(matches!(
+            recv(&mut s).await,
+            Err(TransportError::BadPreamble)
+        ));
     }
 
     #[tokio::test]
@@ -273,7 +282,9 @@ mod tests {
         raw.write_all(&bytes).await.unwrap();
         assert!(matches!(
             recv(&mut s).await,
-            Err(TransportError::Frame(tether_proto::FrameError::TooLarge { .. }))
+            Err(TransportError::Frame(
+                tether_proto::FrameError::TooLarge { .. }
+            ))
         ));
     }
 
@@ -288,7 +299,10 @@ mod tests {
         bytes.extend_from_slice(&[10, 5, 1, 2]);
         raw.write_all(&bytes).await.unwrap();
         raw.shutdown().await.unwrap();
-        assert!(matches!(recv(&mut s).await, Err(TransportError::Truncated(4))));
+        assert!(matches!(
+            recv(&mut s).await,
+            Err(TransportError::Truncated(4))
+        ));
     }
 
     fn prost_varint(v: u64, out: &mut Vec<u8>) {

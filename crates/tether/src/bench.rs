@@ -265,7 +265,7 @@ async fn throughput(
                 }
                 last = seq;
                 got += 1;
-                if got % 128 == 0 || got == messages {
+                if got.is_multiple_of(128) || got == messages {
                     receiver
                         .send(&Frame::Ack(pb::Ack { seq }))
                         .map_err(|e| e.to_string())?;

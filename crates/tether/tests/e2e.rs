@@ -330,3 +330,81 @@ fn signal(pid: u32, sig: &str) {
         .success();
     assert!(ok, "kill -{sig} {pid}");
 }
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{text}"))
+}
+
+#[test]
+fn metrics_endpoint_counts_connections_logins_commits_and_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    for i in 0..3 {
+        cli_send(&server, "alice", "cli", &state, "bob", &format!("m{i}"));
+    }
+    assert_eq!(
+        json_lines(&cli_recv(&server, "bob", "cli", &state, 3, 20)).len(),
+        3
+    );
+    let text = http_get(server.http, "/metrics");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(metric(&text, "tether_messages_committed_total"), 3.0);
+    assert!(metric(&text, "tether_messages_delivered_total") >= 3.0);
+    assert!(metric(&text, "tether_logins_total") >= 4.0);
+    assert!(metric(&text, "tether_connections_accepted_total") >= 4.0);
+    assert_eq!(metric(&text, "tether_commit_latency_seconds_count"), 3.0);
+    assert!(http_get(server.http, "/healthz").ends_with("ok\n"));
+}
+
+#[test]
+fn chat_sends_typed_lines_and_shows_incoming_messages() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    let mut args: Vec<String> = vec!["chat".into(), "--to".into(), "bob".into()];
+    args.extend(common::cli_auth(&server, "alice", "chat", &state));
+    let mut chat = tether()
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    writeln!(stdin, "hi bob, typed in chat").unwrap();
+    // bob sees it, and answers.
+    let lines = json_lines(&cli_recv(&server, "bob", "cli", &state, 1, 20));
+    assert_eq!(texts(&lines), vec!["hi bob, typed in chat"]);
+    cli_send(&server, "bob", "cli", &state, "alice", "hello alice");
+    // Give the chat a moment to show it, then end it with Ctrl-D (EOF).
+    std::thread::sleep(Duration::from_millis(500));
+    drop(stdin);
+    let out = wait_output(chat, Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("me: hi bob, typed in chat"), "{stdout}");
+    assert!(stdout.contains("bob: hello alice"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
