@@ -123,27 +123,17 @@ fn now_ms() -> u64 {
 
 /// Serves one connection until it closes. Generic over the transport: TCP and the
 /// in-memory pipe take exactly this path.
-pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T) {
+pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
     shared.metrics.connections_accepted.inc();
     shared.metrics.connections_open.inc();
-    let deadline = shared.config.login_deadline;
-    let admitted = match tokio::time::timeout(deadline, read_hello(&mut t)).await {
-        Ok(Ok(hello)) => admit(&shared, hello),
-        Ok(Err(close)) => Err(close),
-        Err(_) => Err(Close::fatal(
-            ErrorCode::LoginTimeout,
-            format!("no HELLO within {} ms", deadline.as_millis()),
-        )),
-    };
-    let close = match admitted {
-        Ok(admission) => {
-            shared.metrics.logins.inc();
-            let mut conn = Conn::new(t, shared.clone(), &admission);
-            let close = match conn.welcome(&admission) {
-                Ok(()) => conn.run().await,
-                Err(close) => close,
-            };
-            drop(admission);
+    // The login and closing phases are boxed: their timers live on the heap only while
+    // they run, so what the task holds through the long idle phase is just `Conn`.
+    // Matched in place, never moved: a moved-from copy would still take room in
+    // this future for the session's whole life.
+    let mut outcome = Box::pin(login(&shared, t)).await;
+    let close = match &mut outcome {
+        Login::Admitted(conn) => {
+            let close = conn.run().await;
             shared.registry.unregister(&conn.session);
             info!(
                 user = &*conn.session.user,
@@ -153,17 +143,54 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, mut t: T) {
                 reason = %close,
                 "session closed"
             );
-            t = conn.t;
             close
         }
-        Err(close) => {
+        Login::Refused(t, close) => {
             shared.metrics.login_failures.inc();
             info!(transport = t.kind().as_str(), peer = %t.peer(), reason = %close, "login refused");
-            close
+            std::mem::replace(close, Close::Shutdown)
         }
     };
-    finish(&shared, &mut t, close).await;
+    let t = match &mut outcome {
+        Login::Admitted(conn) => &mut conn.t,
+        Login::Refused(t, _) => t,
+    };
+    Box::pin(finish(&shared, t, close)).await;
     shared.metrics.connections_open.dec();
+}
+
+/// How the login phase ended.
+enum Login<T> {
+    /// WELCOME was queued; the session is registered.
+    Admitted(Conn<T>),
+    /// Refused: the transport, and why.
+    Refused(T, Close),
+}
+
+/// Reads HELLO within the login deadline, admits the session and queues WELCOME.
+async fn login<T: Transport>(shared: &Arc<Shared>, mut t: T) -> Login<T> {
+    let deadline = shared.config.login_deadline;
+    let admitted = match tokio::time::timeout(deadline, read_hello(&mut t)).await {
+        Ok(Ok(hello)) => admit(shared, hello),
+        Ok(Err(close)) => Err(close),
+        Err(_) => Err(Close::fatal(
+            ErrorCode::LoginTimeout,
+            format!("no HELLO within {} ms", deadline.as_millis()),
+        )),
+    };
+    let admission = match admitted {
+        Ok(a) => a,
+        Err(close) => return Login::Refused(t, close),
+    };
+    shared.metrics.logins.inc();
+    let mut conn = Conn::new(t, shared.clone(), &admission);
+    match conn.welcome(&admission) {
+        Ok(()) => Login::Admitted(conn),
+        Err(close) => {
+            shared.registry.unregister(&conn.session);
+            Login::Refused(conn.t, close)
+        }
+    }
 }
 
 /// Sends the closing frame, if any, and shuts the transport down.

@@ -282,3 +282,31 @@ async fn credit_window_bounds_unacked_deliveries() {
     assert_eq!(more.first().unwrap().seq, 9);
     assert_eq!(more.last().unwrap().seq, 50);
 }
+
+#[tokio::test]
+async fn connection_future_stays_small() {
+    let f = fixture(|_| {});
+    let (_client, server_end) = tether_transport::memory::pair(4096);
+    let fut = tether_server::connection::serve(f.server.shared().clone(), server_end);
+    let size = std::mem::size_of_val(&fut);
+    println!("serve() future over the memory transport: {size} bytes");
+    assert!(
+        size <= 320,
+        "the per-connection future grew to {size} bytes"
+    );
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (client, accepted) = tokio::join!(
+        tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let _client = client.unwrap();
+    let tcp = tether_transport::tcp::TcpTransport::accepted(accepted.unwrap().0, 4096);
+    let fut = tether_server::connection::serve(f.server.shared().clone(), tcp);
+    let size = std::mem::size_of_val(&fut);
+    println!("serve() future over TCP: {size} bytes");
+    assert!(
+        size <= 384,
+        "the per-connection future grew to {size} bytes"
+    );
+}
