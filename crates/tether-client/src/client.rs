@@ -247,7 +247,8 @@ impl ClientHandle {
     /// Sends `body` to user `to` with a fresh client message id and no content type;
     /// resolves once the server confirms it durably committed.
     pub async fn send(&self, to: &str, body: Bytes) -> Result<SendAck, ClientError> {
-        self.send_with_id(ClientMsgId::random(), to, body, "").await
+        self.send_with_id(ClientMsgId::generate(), to, body, "")
+            .await
     }
 
     /// Sends with an explicit client message id and content type. The send is

@@ -153,6 +153,9 @@ impl CommitWorker {
                 last_cursor_flush = Instant::now();
             }
         }
+        if let Err(e) = self.store.sync() {
+            error!(error = %e, "final store sync failed");
+        }
         info!("commit path stopped");
     }
 

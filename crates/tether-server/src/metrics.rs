@@ -34,6 +34,8 @@ pub struct Metrics {
     commit_latency: Histogram,
     /// Messages per group commit.
     commit_batch: Histogram,
+    /// Time one group commit takes in the store (write + sync).
+    commit_duration: Histogram,
 }
 
 impl Default for Metrics {
@@ -52,6 +54,9 @@ impl Default for Metrics {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
             commit_batch: Histogram::new([1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0]),
+            commit_duration: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+            ]),
             registry: Registry::default(),
         };
         registry.register(
@@ -96,6 +101,11 @@ impl Default for Metrics {
             "Messages per group commit",
             m.commit_batch.clone(),
         );
+        registry.register(
+            "commit_duration_seconds",
+            "Time one group commit takes in the store (write and sync)",
+            m.commit_duration.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -107,8 +117,9 @@ impl Metrics {
     }
 
     /// Records a group commit of `n` messages.
-    pub fn observe_batch(&self, n: usize, _took: Duration) {
+    pub fn observe_batch(&self, n: usize, took: Duration) {
         self.commit_batch.observe(n as f64);
+        self.commit_duration.observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition.

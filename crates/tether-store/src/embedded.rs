@@ -345,11 +345,22 @@ impl Store for EmbeddedStore {
         }))
     }
 
+    fn sync(&self) -> Result<(), StoreError> {
+        // An empty durable commit makes the non-durable ones before it durable.
+        self.begin_write()?.commit()?;
+        Ok(())
+    }
+
     fn set_cursors(&self, updates: &[(String, String, DeviceCursor)]) -> Result<(), StoreError> {
         if updates.is_empty() {
             return Ok(());
         }
-        let txn = self.begin_write()?;
+        // Cursors are advisory (a device's own resume point wins; a lost cursor only
+        // means redelivery, which clients drop by seq), so they do not pay for a sync
+        // of their own: redb keeps this commit in memory and makes it durable with the
+        // next durable commit, i.e. the next batch of messages.
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
         {
             let mut cursors = txn.open_table(CURSORS)?;
             for (user, device, cursor) in updates {

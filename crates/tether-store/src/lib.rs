@@ -206,8 +206,13 @@ pub trait Store: Send + Sync + 'static {
     fn cursor(&self, user: &str, device: &str) -> Result<Option<DeviceCursor>, StoreError>;
 
     /// Records device cursors (coalesced by the caller). Cursors only move forward
-    /// within an epoch; a smaller `acked_seq` of the same epoch is ignored.
+    /// within an epoch; a smaller `acked_seq` of the same epoch is ignored. Cursors are
+    /// advisory, so they need not be durable at once: they are durable after the next
+    /// successful [`Store::append`] or [`Store::sync`].
     fn set_cursors(&self, cursors: &[(String, String, DeviceCursor)]) -> Result<(), StoreError>;
+
+    /// Makes everything recorded so far durable (used at shutdown).
+    fn sync(&self) -> Result<(), StoreError>;
 
     /// Removes entries and dedup keys older than `before_ms`, and cursors of devices
     /// not seen since `devices_before_ms`.

@@ -439,3 +439,34 @@ fn empty_store_reports_unknown_inbox_as_head_0_low_1_in_the_store_epoch() {
         Default::default()
     );
 }
+
+#[test]
+fn cursors_become_durable_with_the_next_append_or_sync_not_before() {
+    let cursor = |acked_seq| DeviceCursor {
+        inbox_epoch: 1,
+        acked_seq,
+        last_seen_ms: 5,
+    };
+    let disk = SimulatedDisk::new();
+    let store = EmbeddedStore::open_with_backend(disk.clone(), Durability::Fsync).unwrap();
+    store
+        .set_cursors(&[("bob".into(), "phone".into(), cursor(3))])
+        .unwrap();
+    // Visible at once, but not yet on disk.
+    assert_eq!(store.cursor("bob", "phone").unwrap().unwrap().acked_seq, 3);
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap(), None);
+    // The next append carries it to disk.
+    store
+        .append(&[send("alice", "d", 1, "bob", "x", 10)])
+        .unwrap();
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 3);
+    // So does sync.
+    store
+        .set_cursors(&[("bob".into(), "phone".into(), cursor(4))])
+        .unwrap();
+    store.sync().unwrap();
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 4);
+}

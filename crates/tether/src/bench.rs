@@ -228,8 +228,9 @@ async fn login<T: Transport>(t: &mut T, token: &str, device: &str) -> Result<pb:
 }
 
 fn send_frame(to: &str, id: u64, body: Bytes) -> Frame {
+    // Time-ordered ids, as the SDK makes them: a big-endian counter, then random bits.
     let mut cmid = [0u8; 16];
-    cmid[..8].copy_from_slice(&id.to_le_bytes());
+    cmid[..8].copy_from_slice(&id.to_be_bytes());
     cmid[8..].copy_from_slice(&rand::random::<u64>().to_le_bytes());
     Frame::Send(pb::Send {
         client_msg_id: Bytes::copy_from_slice(&cmid),
@@ -397,6 +398,19 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
     for r in receivers {
         r.abort();
     }
+    let server_metrics: Vec<String> = server
+        .running
+        .server()
+        .shared()
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with("tether_commit_duration_seconds_bucket")
+                || l.starts_with("tether_commit_batch_messages_count")
+        })
+        .map(str::to_string)
+        .collect();
     let mut lat = samples.take();
     lat.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -418,6 +432,7 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
         "p99_ms": pct(0.99),
         "p999_ms": pct(0.999),
         "max_ms": pct(1.0),
+        "server_commit_histogram": server_metrics,
     }))
 }
 

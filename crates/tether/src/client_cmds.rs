@@ -261,7 +261,7 @@ pub async fn run_send(args: SendArgs) -> ExitCode {
         Err(e) => return fail("send", e),
     };
     let reporter = report_events("send", client.events());
-    let id = ClientMsgId::random();
+    let id = ClientMsgId::generate();
     let sending = client.send_with_id(id, &args.to, Bytes::from(args.text), "text/plain");
     let outcome = tokio::select! {
         outcome = sending => Some(outcome),
@@ -358,7 +358,7 @@ pub async fn run_chat(args: ChatArgs) -> ExitCode {
                     let to = args.to.clone();
                     sends.spawn(async move {
                         let body = Bytes::from(line.clone());
-                        let outcome = handle.send_with_id(ClientMsgId::random(), &to, body, "text/plain").await;
+                        let outcome = handle.send_with_id(ClientMsgId::generate(), &to, body, "text/plain").await;
                         match outcome {
                             Ok(ack) => println!("[{}] me: {line}", clock(ack.ts_ms)),
                             Err(e) => eprintln!("-- not confirmed: {line:?}: {e}"),
