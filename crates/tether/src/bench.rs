@@ -509,9 +509,9 @@ async fn memory(sessions: usize) -> BenchResult {
     let mut clients = Vec::with_capacity(sessions);
     let before = rss_bytes()?;
     let started = Instant::now();
-    for i in 0..sessions {
+    for token in &tokens {
         let mut t = srv.connect_memory();
-        login(&mut t, &tokens[i], "phone").await?;
+        login(&mut t, token, "phone").await?;
         clients.push(t);
     }
     let login_secs = started.elapsed().as_secs_f64();
