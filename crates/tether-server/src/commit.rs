@@ -64,6 +64,7 @@ impl CommitPath {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         max_batch: usize,
+        retention: Retention,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>> = Default::default();
@@ -73,6 +74,7 @@ impl CommitPath {
             metrics,
             cursors: cursors.clone(),
             max_batch: max_batch.max(1),
+            retention,
         };
         let thread = std::thread::Builder::new()
             .name("tether-commit".into())
@@ -115,6 +117,27 @@ struct CommitWorker {
     metrics: Arc<Metrics>,
     cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
     max_batch: usize,
+    retention: Retention,
+}
+
+/// What compaction keeps, run by the commit thread every [`COMPACT_INTERVAL`].
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Messages and their dedup keys older than this are removed.
+    pub messages: Duration,
+    /// Device cursors not seen for this long are removed.
+    pub devices: Duration,
+}
+
+/// How often old messages, dedup keys and idle devices are compacted away.
+pub const COMPACT_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn unix_ms_before(age: Duration) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(age.as_millis() as u64)
 }
 
 impl CommitWorker {
@@ -122,6 +145,7 @@ impl CommitWorker {
         let mut appends = Vec::with_capacity(self.max_batch);
         let mut waiting = Vec::with_capacity(self.max_batch);
         let mut last_cursor_flush = Instant::now();
+        let mut last_compaction = Instant::now();
         let mut stopping = false;
         while !stopping {
             match rx.recv_timeout(CURSOR_FLUSH_INTERVAL) {
@@ -151,6 +175,10 @@ impl CommitWorker {
             if stopping || last_cursor_flush.elapsed() >= CURSOR_FLUSH_INTERVAL {
                 self.flush_cursors();
                 last_cursor_flush = Instant::now();
+            }
+            if last_compaction.elapsed() >= COMPACT_INTERVAL {
+                self.compact();
+                last_compaction = Instant::now();
             }
         }
         if let Err(e) = self.store.sync() {
@@ -211,6 +239,15 @@ impl CommitWorker {
         self.metrics.messages_committed.inc_by(new);
         for (user, head) in heads {
             self.registry.notify_head(user, head);
+        }
+    }
+
+    fn compact(&self) {
+        let before = unix_ms_before(self.retention.messages);
+        let devices_before = unix_ms_before(self.retention.devices);
+        match self.store.compact(before, devices_before) {
+            Ok(stats) => info!(?stats, "compacted messages past retention and idle devices"),
+            Err(e) => error!(error = %e, "compaction failed"),
         }
     }
 

@@ -109,6 +109,10 @@ impl Server {
             registry.clone(),
             metrics.clone(),
             config.max_commit_batch,
+            commit::Retention {
+                messages: config.retention,
+                devices: config.device_expiry,
+            },
         );
         Ok(Self {
             shared: Arc::new(Shared {
