@@ -44,6 +44,8 @@ enum Which {
         /// Body size in bytes.
         #[arg(long, default_value_t = 64)]
         body: usize,
+        #[command(flatten)]
+        target: Target,
     },
     /// Many pairs at a fixed total rate: send → deliver latency percentiles.
     Latency {
@@ -56,6 +58,8 @@ enum Which {
         seconds: u64,
         #[arg(long, default_value = "fsync", value_parser = parse_durability)]
         durability: Durability,
+        #[command(flatten)]
+        target: Target,
     },
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
@@ -80,13 +84,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             window,
             durability,
             body,
-        } => throughput(messages, window, durability, body).await,
+            target,
+        } => throughput(messages, window, durability, body, &target).await,
         Which::Latency {
             pairs,
             rate,
             seconds,
             durability,
-        } => latency(pairs, rate, seconds, durability).await,
+            target,
+        } => latency(pairs, rate, seconds, durability, &target).await,
         Which::Memory { sessions } => memory(sessions).await,
     };
     match result {
@@ -165,13 +171,57 @@ fn codec(frames: u64) -> BenchResult {
     Ok(serde_json::json!({"bench": "codec", "encode_and_decode": out}))
 }
 
-/// A started server in a temp dir, with a way to mint tokens.
+/// Where the load goes: a server in this process (default) or one already running in
+/// another process (`--server` with its `--data`, to mint tokens), so the load generator
+/// does not share a runtime with the server.
+#[derive(Args, Clone)]
+struct Target {
+    /// Address of a running `tether serve` to load instead of an in-process server.
+    #[arg(long, requires = "data")]
+    server: Option<std::net::SocketAddr>,
+    /// That server's data directory (for its token secret).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+}
+
+/// The server under load, with a way to mint tokens.
 struct BenchServer {
-    running: tether_server::RunningServer,
-    _dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+    auth: tether_server::auth::Authenticator,
+    /// Present when the server runs in this process.
+    running: Option<tether_server::RunningServer>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl BenchServer {
+    async fn connect(target: &Target, durability: Durability) -> Result<Self, String> {
+        match (&target.server, &target.data) {
+            (Some(addr), Some(data)) => Ok(Self {
+                addr: *addr,
+                auth: tether_server::auth::Authenticator::open(data).map_err(|e| e.to_string())?,
+                running: None,
+                _dir: None,
+            }),
+            _ => Self::start(durability).await,
+        }
+    }
+
+    fn in_process(&self) -> Result<&tether_server::RunningServer, String> {
+        self.running
+            .as_ref()
+            .ok_or_else(|| "this benchmark needs the in-process server".into())
+    }
+
+    fn metrics(&self) -> Option<&tether_server::metrics::Metrics> {
+        self.running.as_ref().map(|r| &*r.server().shared().metrics)
+    }
+
+    async fn shutdown(self) {
+        if let Some(running) = self.running {
+            running.shutdown().await;
+        }
+    }
+
     async fn start(durability: Durability) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let config = ServerConfig {
@@ -183,19 +233,20 @@ impl BenchServer {
         };
         let server = Server::open(config).map_err(|e| e.to_string())?;
         let running = server.bind().await.map_err(|e| e.to_string())?;
-        Ok(Self { running, _dir: dir })
+        Ok(Self {
+            addr: running.addr,
+            auth: running.server().shared().auth.clone(),
+            running: Some(running),
+            _dir: Some(dir),
+        })
     }
 
     fn token(&self, user: &str) -> String {
-        self.running
-            .server()
-            .shared()
-            .auth
-            .mint(user, Duration::from_secs(3600))
+        self.auth.mint(user, Duration::from_secs(3600))
     }
 
     async fn login(&self, user: &str, device: &str) -> Result<TcpTransport, String> {
-        let mut t = TcpTransport::connect(self.running.addr, 1 << 20)
+        let mut t = TcpTransport::connect(self.addr, 1 << 20)
             .await
             .map_err(|e| e.to_string())?;
         login(&mut t, &self.token(user), device).await?;
@@ -245,10 +296,14 @@ async fn throughput(
     window: usize,
     durability: Durability,
     body: usize,
+    target: &Target,
 ) -> BenchResult {
-    let server = BenchServer::start(durability).await?;
-    let mut sender = server.login("alice", "bench").await?;
-    let mut receiver = server.login("bob", "bench").await?;
+    let server = BenchServer::connect(target, durability).await?;
+    // Fresh users per run, so runs against one external server do not mix.
+    let run: u32 = rand::random();
+    let (alice, bob) = (format!("alice-{run:x}"), format!("bob-{run:x}"));
+    let mut sender = server.login(&alice, "bench").await?;
+    let mut receiver = server.login(&bob, "bench").await?;
     let body = Bytes::from(vec![b'x'; body]);
 
     let receiving = tokio::spawn(async move {
@@ -283,7 +338,7 @@ async fn throughput(
     while acked < messages {
         while sent < messages && (sent - acked) < window as u64 {
             sender
-                .send(&send_frame("bob", sent, body.clone()))
+                .send(&send_frame(&bob, sent, body.clone()))
                 .map_err(|e| e.to_string())?;
             sent += 1;
         }
@@ -301,9 +356,10 @@ async fn throughput(
     let acked_at = Instant::now();
     let received_at = receiving.await.map_err(|e| e.to_string())??;
     let secs = (received_at.max(acked_at) - started).as_secs_f64();
-    let metrics = &server.running.server().shared().metrics;
-    let committed = metrics.messages_committed.get();
-    server.running.shutdown().await;
+    let metrics = server.metrics();
+    let external = server.running.is_none();
+    let committed = metrics.map(|m| m.messages_committed.get());
+    server.shutdown().await;
     Ok(serde_json::json!({
         "bench": "throughput",
         "durability": durability.to_string(),
@@ -312,11 +368,19 @@ async fn throughput(
         "seconds": (secs * 1000.0).round() / 1000.0,
         "msgs_per_sec": (messages as f64 / secs).round(),
         "committed": committed,
+        "server": if external { "external process" } else { "in process" },
     }))
 }
 
-async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) -> BenchResult {
-    let server = Arc::new(BenchServer::start(durability).await?);
+async fn latency(
+    pairs: usize,
+    rate: u64,
+    seconds: u64,
+    durability: Durability,
+    target: &Target,
+) -> BenchResult {
+    let server = Arc::new(BenchServer::connect(target, durability).await?);
+    let run: u32 = rand::random();
     let epoch = Instant::now();
     let total = rate * seconds;
     let per_pair_interval = Duration::from_secs_f64(pairs as f64 / rate as f64);
@@ -324,8 +388,8 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
     for i in 0..pairs {
-        let mut rx = server.login(&format!("r{i}"), "bench").await?;
-        let tx = server.login(&format!("s{i}"), "bench").await?;
+        let mut rx = server.login(&format!("r{i}-{run:x}"), "bench").await?;
+        let tx = server.login(&format!("s{i}-{run:x}"), "bench").await?;
         let samples = samples.clone();
         receivers.push(tokio::spawn(async move {
             loop {
@@ -365,7 +429,7 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
                 let mut body = now_ns.to_le_bytes().to_vec();
                 body.resize(64, b'x');
                 if tx
-                    .send(&send_frame(&format!("r{i}"), n, Bytes::from(body)))
+                    .send(&send_frame(&format!("r{i}-{run:x}"), n, Bytes::from(body)))
                     .is_err()
                 {
                     return acks;
@@ -399,11 +463,9 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
         r.abort();
     }
     let server_metrics: Vec<String> = server
-        .running
-        .server()
-        .shared()
-        .metrics
-        .render()
+        .metrics()
+        .map(|m| m.render())
+        .unwrap_or_default()
         .lines()
         .filter(|l| {
             l.starts_with("tether_commit_duration_seconds_bucket")
@@ -432,6 +494,7 @@ async fn latency(pairs: usize, rate: u64, seconds: u64, durability: Durability) 
         "p99_ms": pct(0.99),
         "p999_ms": pct(0.999),
         "max_ms": pct(1.0),
+        "server": if server.running.is_none() { "external process" } else { "in process" },
         "server_commit_histogram": server_metrics,
     }))
 }
@@ -480,7 +543,7 @@ fn rss_bytes() -> Result<u64, String> {
 
 async fn memory(sessions: usize) -> BenchResult {
     let server = BenchServer::start(Durability::Fsync).await?;
-    let srv = server.running.server().clone();
+    let srv = server.in_process()?.server().clone();
     let token = server.token("warmup");
     // Warm up allocator pools, the runtime and the store's caches.
     let mut warm = Vec::new();
