@@ -355,12 +355,13 @@ impl Driver {
     }
 
     fn accept_send(&mut self, request: SendRequest) {
-        let len = 1 + send_message(&request.send).encoded_len();
-        if len > self.max_frame {
-            let _ = request.reply.send(Err(ClientError::TooLarge {
-                len,
-                limit: self.max_frame,
-            }));
+        // The body must leave room for what the DELIVER carrying it adds.
+        let len = request.send.body.len();
+        let limit = tether_proto::max_body(self.max_frame);
+        if len > limit {
+            let _ = request
+                .reply
+                .send(Err(ClientError::TooLarge { len, limit }));
             return;
         }
         trace!(id = %request.send.client_msg_id, to = %request.send.to, "send queued");

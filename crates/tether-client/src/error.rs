@@ -40,10 +40,11 @@ pub enum ClientError {
         /// The server's explanation.
         reason: String,
     },
-    /// A SEND frame for this message would exceed the negotiated maximum frame size.
-    #[error("message too large: a {len}-byte frame exceeds the {limit}-byte limit")]
+    /// The body is larger than the server's frame limit allows (the frame limit minus
+    /// the room its DELIVER needs, see `tether_proto::max_body`).
+    #[error("message too large: a {len}-byte body exceeds the {limit}-byte limit")]
     TooLarge {
-        /// Size of the frame (kind + payload).
+        /// Size of the body.
         len: usize,
         /// Limit in force.
         limit: usize,

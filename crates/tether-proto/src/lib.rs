@@ -38,5 +38,15 @@ pub const PRE_AUTH_MAX_FRAME: usize = 4 * 1024;
 /// Largest frame (kind + payload) accepted after WELCOME unless negotiated otherwise.
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 
+/// Room a SEND body must leave within the frame limit: the DELIVER that carries the body
+/// adds seq, ids, sender, device and conversation (each id at most 128 bytes), and must
+/// itself fit the limit. So a body may be at most `max_frame - BODY_RESERVE` bytes.
+pub const BODY_RESERVE: usize = 1024;
+
+/// Largest body a SEND may carry under the frame limit `max_frame`.
+pub fn max_body(max_frame: usize) -> usize {
+    max_frame.saturating_sub(BODY_RESERVE)
+}
+
 /// Length of a client message id, in bytes.
 pub const CLIENT_MSG_ID_LEN: usize = 16;

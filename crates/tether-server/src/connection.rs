@@ -31,7 +31,7 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 /// Entries read from the store per step of streaming.
 const READ_BATCH: u64 = 64;
 /// Entries per SYNC_DONE at most.
-const SYNC_BATCH: u32 = 256;
+const SYNC_BATCH: u32 = 128;
 /// Time allowed to flush a final ERROR or KICK before closing.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -585,6 +585,18 @@ impl<T: Transport> Conn<T> {
                 &send.client_msg_id,
                 ErrorCode::BadRequest,
                 "target user id longer than 128 bytes",
+            );
+        }
+        let max_body = tether_proto::max_body(self.shared.config.max_frame);
+        if send.body.len() > max_body {
+            // The DELIVER carrying it would not fit the recipient's frame limit.
+            return self.reject_send(
+                &send.client_msg_id,
+                ErrorCode::FrameTooLarge,
+                &format!(
+                    "body of {} bytes exceeds the {max_body}-byte limit",
+                    send.body.len()
+                ),
             );
         }
         let me = self.session.user.to_string();

@@ -254,9 +254,57 @@ async fn sync_reads_history_in_bounded_batches() {
             break d;
         }
     };
-    assert_eq!(done.entries.len(), 256);
-    assert_eq!(done.next_seq, 257);
+    assert_eq!(done.entries.len(), 128, "capped per batch");
+    assert_eq!(done.next_seq, 129);
     assert_eq!(done.head, 300);
+}
+
+#[tokio::test]
+async fn a_body_too_big_for_the_deliver_frame_is_refused_not_stored() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    let big = Frame::Send(pb::Send {
+        client_msg_id: Bytes::from(vec![9u8; 16]),
+        target: Some(pb::send::Target::User("bob".into())),
+        body: Bytes::from(vec![b'x'; tether_proto::DEFAULT_MAX_FRAME - 100]),
+        content_type: String::new(),
+    });
+    alice.send(&big).unwrap();
+    flush(&mut alice).await.unwrap();
+    match next(&mut alice).await.unwrap() {
+        Frame::Error(e) => {
+            assert_eq!(e.code, pb::ErrorCode::FrameTooLarge as i32);
+            assert!(!e.fatal);
+            assert_eq!(&e.client_msg_id[..], &[9u8; 16]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The largest allowed body is stored and delivered within the frame limit.
+    let ok = Frame::Send(pb::Send {
+        client_msg_id: Bytes::from(vec![10u8; 16]),
+        target: Some(pb::send::Target::User("bob-with-a-long-name".repeat(6))),
+        body: Bytes::from(vec![
+            b'y';
+            tether_proto::max_body(tether_proto::DEFAULT_MAX_FRAME)
+        ]),
+        content_type: "text/plain".into(),
+    });
+    alice.send(&ok).unwrap();
+    flush(&mut alice).await.unwrap();
+    loop {
+        match next(&mut alice).await.unwrap() {
+            Frame::SendAck(_) => break,
+            Frame::Deliver(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let (mut bob, _) = f.login(&"bob-with-a-long-name".repeat(6), "phone").await;
+    bob.set_max_frame(tether_proto::DEFAULT_MAX_FRAME);
+    let got = deliveries(&mut bob, 1).await;
+    assert_eq!(
+        got[0].body.len(),
+        tether_proto::max_body(tether_proto::DEFAULT_MAX_FRAME)
+    );
 }
 
 #[tokio::test]
