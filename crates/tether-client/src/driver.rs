@@ -17,7 +17,6 @@ use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::inbox::{Handoff, InboxCursor, WelcomeCheck};
 use crate::outbox::Outbox;
 use crate::state::{ClientMsgId, PendingSend, StateFile, write_atomic};
-use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
