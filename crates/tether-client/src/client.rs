@@ -110,6 +110,14 @@ pub enum ClientEvent {
         /// Where delivery restarts.
         start_seq: u64,
     },
+    /// Entries `from..=to` were removed by the server's retention before this device
+    /// fetched them; delivery continues after them.
+    EntriesExpired {
+        /// First entry lost.
+        from: u64,
+        /// Last entry lost.
+        to: u64,
+    },
     /// A send nobody waits for (restored from the state file) was confirmed.
     SendAcked(SendAck),
     /// A send nobody waits for (restored from the state file) was rejected.

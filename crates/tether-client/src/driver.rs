@@ -570,6 +570,15 @@ impl Driver {
         } = handshake;
         let acked_sent = match self.cursor.on_welcome(w.inbox_epoch, w.start_seq) {
             WelcomeCheck::Continue => resumed_at,
+            WelcomeCheck::Expired { from, to } => {
+                warn!(
+                    from,
+                    to, "entries expired on the server before this device got them"
+                );
+                self.persist_now = true;
+                self.emit(ClientEvent::EntriesExpired { from, to });
+                self.cursor.acked()
+            }
             WelcomeCheck::Reset { old_epoch } => {
                 self.persist_now = true;
                 self.persisted_acked = self.cursor.acked();
@@ -992,8 +1001,8 @@ async fn exchange_hello(
             Frame::Error(e) if e.fatal => return Err(ending_for_error(&e)),
             Frame::Error(e) => {
                 let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
-                if code == ErrorCode::InboxEpochChanged {
-                    info!(reason = %e.reason, "inbox epoch changed; restarting at WELCOME.start_seq");
+                if code == ErrorCode::InboxEpochChanged || code == ErrorCode::ResumeCompacted {
+                    info!(code = code.as_str_name(), reason = %e.reason, "resuming at WELCOME.start_seq");
                 } else {
                     warn!(code = code.as_str_name(), reason = %e.reason, "server error before WELCOME");
                 }

@@ -40,6 +40,15 @@ pub enum WelcomeCheck {
         /// The epoch the cursor had before; 0 when it had none.
         old_epoch: u64,
     },
+    /// Same epoch, but the server resumes after the cursor: entries `from..=to` were
+    /// removed by retention before this device fetched them (the server says so with
+    /// a non-fatal RESUME_COMPACTED). The cursor moves past them.
+    Expired {
+        /// First entry lost.
+        from: u64,
+        /// Last entry lost.
+        to: u64,
+    },
 }
 
 /// In-order, exactly-once hand-off filter for one device's inbox.
@@ -88,6 +97,15 @@ impl InboxCursor {
     /// before `start_seq`.
     pub fn on_welcome(&mut self, inbox_epoch: u64, start_seq: u64) -> WelcomeCheck {
         if inbox_epoch == self.epoch && self.epoch != 0 {
+            if start_seq > self.handed + 1 {
+                let from = self.handed + 1;
+                self.acked = start_seq - 1;
+                self.handed = self.acked;
+                return WelcomeCheck::Expired {
+                    from,
+                    to: start_seq - 1,
+                };
+            }
             return WelcomeCheck::Continue;
         }
         let old_epoch = self.epoch;
@@ -125,6 +143,17 @@ impl InboxCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_welcome_past_the_cursor_in_the_same_epoch_reports_expired_entries_and_moves_on() {
+        let mut c = InboxCursor::new(4, 10);
+        assert_eq!(
+            c.on_welcome(4, 31),
+            WelcomeCheck::Expired { from: 11, to: 30 }
+        );
+        assert_eq!(c.acked(), 30);
+        assert_eq!(c.on_deliver(31), Handoff::Hand);
+    }
 
     #[test]
     fn no_resume_point_without_an_epoch() {

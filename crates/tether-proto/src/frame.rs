@@ -5,6 +5,10 @@ use crate::codec::RawFrame;
 use crate::kind::{self, KindClass};
 use crate::pb;
 use prost::Message;
+
+/// Longest user id, device id, group id or content type, in bytes. Bounding these keeps
+/// a DELIVER within `max_body + BODY_RESERVE` and every id cheap to hold.
+pub const MAX_ID_LEN: usize = 128;
 use thiserror::Error;
 
 /// A decoded frame: one variant per kind.
@@ -29,7 +33,7 @@ pub enum DecodeError {
         reason: String,
     },
     /// A field the kind requires is absent or has the wrong shape.
-    #[error("{kind} is missing required field `{field}`")]
+    #[error("{kind}: required field `{field}` is missing or invalid")]
     MissingField {
         /// Kind name.
         kind: &'static str,
@@ -148,7 +152,7 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
             if h.token.is_empty() {
                 return missing("token");
             }
-            if h.device_id.is_empty() || h.device_id.len() > 128 {
+            if h.device_id.is_empty() || h.device_id.len() > MAX_ID_LEN {
                 return missing("device_id");
             }
         }
@@ -159,11 +163,14 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
             match &s.target {
                 None => return missing("target"),
                 Some(pb::send::Target::User(u)) | Some(pb::send::Target::Group(u))
-                    if u.is_empty() =>
+                    if u.is_empty() || u.len() > MAX_ID_LEN =>
                 {
                     return missing("target");
                 }
                 Some(_) => {}
+            }
+            if s.content_type.len() > MAX_ID_LEN {
+                return missing("content_type");
             }
         }
         Frame::SendAck(a) => {
@@ -176,7 +183,7 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
             _ => return missing("entry"),
         },
         Frame::Receipt(r) => {
-            if r.conversation.is_empty() {
+            if r.conversation.is_empty() || r.conversation.len() > MAX_ID_LEN {
                 return missing("conversation");
             }
         }
@@ -448,6 +455,29 @@ mod tests {
         }
         // Corruption must actually be detected some of the time, or this tests nothing.
         assert!(decoded_errors > 1000, "only {decoded_errors} errors");
+    }
+
+    #[test]
+    fn ids_and_content_types_over_128_bytes_are_refused() {
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        let send = pb::Send {
+            client_msg_id: vec![1u8; 16].into(),
+            target: Some(pb::send::Target::User("bob".into())),
+            body: Default::default(),
+            content_type: long.clone(),
+        };
+        assert!(matches!(
+            from_raw(&to_raw(&Frame::Send(send))),
+            Err(DecodeError::MissingField {
+                field: "content_type",
+                ..
+            })
+        ));
+        let receipt = pb::Receipt {
+            conversation: long,
+            read_up_to: 1,
+        };
+        assert!(from_raw(&to_raw(&Frame::Receipt(receipt))).is_err());
     }
 
     #[test]

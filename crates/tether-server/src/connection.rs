@@ -28,10 +28,12 @@ use tracing::{info, warn};
 
 /// Stop reading and streaming while this many bytes wait for the socket.
 const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Stop reading SENDs while this many body bytes of one connection wait for commit.
+const MAX_INFLIGHT_BYTES: u32 = 1024 * 1024;
 /// Entries read from the store per step of streaming.
 const READ_BATCH: u64 = 64;
 /// Entries per SYNC_DONE at most.
-const SYNC_BATCH: u32 = 128;
+const SYNC_BATCH: u32 = 64;
 /// Time allowed to flush a final ERROR or KICK before closing.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -246,8 +248,19 @@ struct Admission {
     session: Arc<Session>,
     info: InboxInfo,
     start: u64,
-    epoch_changed: bool,
+    resumed: Resumed,
     interval: Duration,
+}
+
+/// How the device's own resume point was honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resumed {
+    /// As given (or the device brought none).
+    AsGiven,
+    /// It was from another inbox epoch: the device restarts by the start policy.
+    EpochChanged,
+    /// Entries after it were removed by retention: delivery resumes at the oldest kept.
+    Compacted,
 }
 
 /// Checks the HELLO, registers the session and decides where delivery starts.
@@ -275,17 +288,9 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
     ));
     // Register before reading the head: a commit after this point notifies us, one
     // before it is covered by the head we read next.
-    match shared.registry.register(&session) {
-        Ok(Registered::Fresh) => {}
-        Ok(Registered::Replaced(old)) => {
-            info!(
-                user = &*old.user,
-                device = &*old.device,
-                old_epoch = old.device_epoch,
-                new_epoch = session.device_epoch,
-                "newer login replaces older"
-            );
-        }
+    let replaced = match shared.registry.register(&session) {
+        Ok(Registered::Fresh) => None,
+        Ok(Registered::Replaced(old)) => Some(old),
         Err(stale) => {
             return Err(Close::fatal(
                 ErrorCode::StaleDeviceEpoch,
@@ -295,27 +300,37 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
                 ),
             ));
         }
-    }
+    };
     let decided = (|| {
         let info = shared.store.inbox_info(&session.user)?;
         let cursor = shared.store.cursor(&session.user, &session.device)?;
-        let (start, epoch_changed) =
-            start_seq(info, hello.resume, cursor, shared.config.start_policy)?;
-        Ok::<_, Close>((info, start, epoch_changed))
+        let (start, resumed) = start_seq(info, hello.resume, cursor, shared.config.start_policy)?;
+        Ok::<_, Close>((info, start, resumed))
     })();
-    let (info, start, epoch_changed) = match decided {
+    let (info, start, resumed) = match decided {
         Ok(d) => d,
         Err(close) => {
-            shared.registry.unregister(&session);
+            // A refused login never costs the device its working session.
+            shared.registry.restore(&session, replaced);
             return Err(close);
         }
     };
+    if let Some(old) = replaced {
+        info!(
+            user = &*old.user,
+            device = &*old.device,
+            old_epoch = old.device_epoch,
+            new_epoch = session.device_epoch,
+            "newer login replaces older"
+        );
+        old.signal(SIG_REPLACED);
+    }
     session.notify_head(info.head);
     Ok(Admission {
         session,
         info,
         start,
-        epoch_changed,
+        resumed,
         interval: shared.config.heartbeat.accept(hello.heartbeat_interval_ms),
     })
 }
@@ -327,7 +342,7 @@ fn start_seq(
     resume: Option<pb::ResumePoint>,
     cursor: Option<DeviceCursor>,
     policy: StartPolicy,
-) -> Result<(u64, bool), Close> {
+) -> Result<(u64, Resumed), Close> {
     let low = info.low.max(1);
     let mut epoch_changed = false;
     if let Some(r) = resume {
@@ -341,20 +356,31 @@ fn start_seq(
                     ),
                 ));
             }
-            return Ok(((r.last_seq + 1).max(low), false));
+            if r.last_seq + 1 < low {
+                return Ok((low, Resumed::Compacted));
+            }
+            return Ok((r.last_seq + 1, Resumed::AsGiven));
         }
         // Another epoch: the device restarts cleanly, as one the server never saw.
         epoch_changed = true;
     }
     if let Some(c) = cursor.filter(|c| c.inbox_epoch == info.epoch && !epoch_changed) {
-        return Ok(((c.acked_seq + 1).clamp(low, info.head + 1), false));
+        return Ok((
+            (c.acked_seq + 1).clamp(low, info.head + 1),
+            Resumed::AsGiven,
+        ));
     }
     let start = match policy {
         StartPolicy::Beginning => low,
         StartPolicy::Last(n) => (info.head + 1).saturating_sub(n).max(low),
         StartPolicy::Head => info.head + 1,
     };
-    Ok((start, epoch_changed))
+    let resumed = if epoch_changed {
+        Resumed::EpochChanged
+    } else {
+        Resumed::AsGiven
+    };
+    Ok((start, resumed))
 }
 
 /// A logged-in connection's state (kept small: it lives as long as the session).
@@ -371,12 +397,16 @@ struct Conn<T> {
     head: u64,
     /// SENDs submitted and not yet answered.
     inflight_sends: u32,
+    /// Their body bytes, bounded by [`MAX_INFLIGHT_BYTES`].
+    inflight_bytes: u32,
 }
 
 /// What woke the connection loop.
 enum Event {
     Frame(RawFrame),
     Signals(u8),
+    /// The send buffer drained below the high-water mark: streaming may continue.
+    Writable,
     Closed(Close),
 }
 
@@ -391,6 +421,7 @@ impl<T: Transport> Conn<T> {
             acked: a.start - 1,
             head: a.info.head,
             inflight_sends: 0,
+            inflight_bytes: 0,
         }
     }
 
@@ -403,6 +434,7 @@ impl<T: Transport> Conn<T> {
             let step = match event {
                 Event::Frame(raw) => self.on_frame(raw),
                 Event::Signals(bits) => self.on_signals(bits),
+                Event::Writable => Ok(()),
                 Event::Closed(close) => Err(close),
             };
             if let Err(close) = step {
@@ -416,15 +448,24 @@ impl<T: Transport> Conn<T> {
     fn welcome(&mut self, a: &Admission) -> Result<(), Close> {
         let shared = self.shared.clone();
         let cfg = &shared.config;
-        if a.epoch_changed {
-            self.send(frame::error(
+        match a.resumed {
+            Resumed::AsGiven => {}
+            Resumed::EpochChanged => self.send(frame::error(
                 ErrorCode::InboxEpochChanged,
                 format!(
                     "resume point is from another inbox epoch; restarting at seq {} of epoch {}",
                     a.start, a.info.epoch
                 ),
                 false,
-            ))?;
+            ))?,
+            Resumed::Compacted => self.send(frame::error(
+                ErrorCode::ResumeCompacted,
+                format!(
+                    "entries before seq {} were removed by retention; resuming there",
+                    a.start
+                ),
+                false,
+            ))?,
         }
         let session_id = self.shared.session_ids.fetch_add(1, Ordering::Relaxed);
         self.send(Frame::Welcome(pb::Welcome {
@@ -476,26 +517,32 @@ impl<T: Transport> Conn<T> {
                 self.shared
                     .store
                     .read_range(&self.session.user, self.next, to, room as usize)?;
-            let Some(last) = entries.last() else {
+            if entries.is_empty() {
                 // Nothing stored in [next, to]: compacted away. Continue from what is left.
                 let info = self.shared.store.inbox_info(&self.session.user)?;
                 if info.low > self.next {
+                    // Skipped seqs were never delivered, so they are not in flight.
                     self.next = info.low;
+                    self.acked = self.acked.max(info.low - 1);
                     continue;
                 }
                 break;
-            };
-            let last_seq = last.seq;
-            let n = entries.len() as u64;
+            }
+            let mut sent = 0u64;
             for e in entries {
+                // Checked per entry: a batch of large entries must not overshoot.
+                if self.t.queued_bytes() >= OUT_HIGH_WATER {
+                    break;
+                }
+                self.next = e.seq + 1;
                 self.t
                     .send(&Frame::Deliver(pb::Deliver {
                         entry: Some(to_pb(e)),
                     }))
                     .map_err(transport_close)?;
+                sent += 1;
             }
-            self.shared.metrics.messages_delivered.inc_by(n);
-            self.next = last_seq + 1;
+            self.shared.metrics.messages_delivered.inc_by(sent);
         }
         Ok(())
     }
@@ -509,7 +556,15 @@ impl<T: Transport> Conn<T> {
         }
         if bits & SIG_REPLIES != 0 {
             for reply in self.session.take_replies() {
+                // Replies come back in submission order; sizes are not kept, so each
+                // reply releases the average, and the last one releases the rest.
+                let share = self.inflight_bytes / self.inflight_sends.max(1);
                 self.inflight_sends = self.inflight_sends.saturating_sub(1);
+                self.inflight_bytes = if self.inflight_sends == 0 {
+                    0
+                } else {
+                    self.inflight_bytes.saturating_sub(share)
+                };
                 self.send(reply)?;
             }
         }
@@ -623,6 +678,7 @@ impl<T: Transport> Conn<T> {
     }
 
     fn submit(&mut self, append: AppendRequest) -> Result<(), Close> {
+        let bytes = append.body.len() as u32;
         let request = CommitRequest {
             append,
             reply_to: self.session.clone(),
@@ -632,6 +688,7 @@ impl<T: Transport> Conn<T> {
             return Err(Close::Shutdown);
         }
         self.inflight_sends += 1;
+        self.inflight_bytes = self.inflight_bytes.saturating_add(bytes);
         Ok(())
     }
 
@@ -752,10 +809,18 @@ impl<T: Transport> Conn<T> {
     }
     /// Waits for the next thing to do, flushing queued bytes meanwhile.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.t.queued_bytes() > 0
-            && let Poll::Ready(Err(e)) = self.t.poll_flush(cx)
-        {
-            return Poll::Ready(Event::Closed(transport_close(e)));
+        let queued = self.t.queued_bytes();
+        if queued > 0 {
+            if let Poll::Ready(Err(e)) = self.t.poll_flush(cx) {
+                return Poll::Ready(Event::Closed(transport_close(e)));
+            }
+            // Streaming stopped at the high-water mark: resume once there is room.
+            if queued >= OUT_HIGH_WATER
+                && self.t.queued_bytes() < OUT_HIGH_WATER
+                && self.next <= self.head.max(self.session.head())
+            {
+                return Poll::Ready(Event::Writable);
+            }
         }
         let bits = self.session.poll_signals(cx);
         if bits != 0 {
@@ -763,7 +828,10 @@ impl<T: Transport> Conn<T> {
         }
         // Backpressure: a peer that does not read, or floods sends, is not read from.
         let max_inflight = self.shared.config.max_inflight_sends;
-        if self.t.queued_bytes() < OUT_HIGH_WATER && self.inflight_sends < max_inflight {
+        if self.t.queued_bytes() < OUT_HIGH_WATER
+            && self.inflight_sends < max_inflight
+            && self.inflight_bytes < MAX_INFLIGHT_BYTES
+        {
             match self.t.poll_recv(cx) {
                 Poll::Ready(Ok(Some(raw))) => return Poll::Ready(Event::Frame(raw)),
                 Poll::Ready(Ok(None)) => {
@@ -854,7 +922,7 @@ mod tests {
             StartPolicy::Beginning,
         )
         .unwrap();
-        assert_eq!((start, changed), (41, false));
+        assert_eq!((start, changed), (41, Resumed::AsGiven));
     }
 
     #[test]
@@ -875,7 +943,7 @@ mod tests {
     fn resume_point_from_another_epoch_restarts_by_policy_and_says_so() {
         let (start, changed) =
             start_seq(info(50), resume(8, 45), cursor(9, 30), StartPolicy::Last(5)).unwrap();
-        assert_eq!((start, changed), (46, true));
+        assert_eq!((start, changed), (46, Resumed::EpochChanged));
     }
 
     #[test]
@@ -914,17 +982,16 @@ mod tests {
     }
 
     #[test]
-    fn compacted_entries_are_skipped_to_the_low_watermark() {
+    fn a_resume_point_below_the_retained_entries_resumes_at_the_oldest_and_says_so() {
         let compacted = InboxInfo {
             epoch: 9,
             head: 50,
             low: 30,
         };
         assert_eq!(
-            start_seq(compacted, resume(9, 10), None, StartPolicy::Beginning)
-                .unwrap()
-                .0,
-            30
+            start_seq(compacted, resume(9, 10), None, StartPolicy::Beginning).unwrap(),
+            (30, Resumed::Compacted),
+            "said so, not silently"
         );
     }
 }

@@ -133,7 +133,9 @@ impl Registry {
     }
 
     /// Adds a login. A newer (or equal) device epoch replaces the active login of the
-    /// device; an older one is refused and never evicts the newer.
+    /// device; an older one is refused and never evicts the newer. A replaced session
+    /// is returned, not yet told: the caller signals it once the new login is admitted,
+    /// or puts it back with [`Registry::restore`] if not.
     pub fn register(&self, session: &Arc<Session>) -> Result<Registered, StaleEpoch> {
         let mut shard = self.shard(&session.user).lock();
         let devices = shard.entry(session.user.clone()).or_default();
@@ -144,12 +146,29 @@ impl Registry {
                 });
             }
             let old = std::mem::replace(slot, session.clone());
-            drop(shard);
-            old.signal(SIG_REPLACED);
             return Ok(Registered::Replaced(old));
         }
         devices.push(session.clone());
         Ok(Registered::Fresh)
+    }
+
+    /// Undoes a registration that was refused after all: removes `session` and, if it
+    /// had replaced `previous`, puts that one back.
+    pub fn restore(&self, session: &Arc<Session>, previous: Option<Arc<Session>>) {
+        let mut shard = self.shard(&session.user).lock();
+        let Some(devices) = shard.get_mut(&session.user) else {
+            return;
+        };
+        match devices.iter_mut().find(|s| Arc::ptr_eq(s, session)) {
+            Some(slot) => match previous {
+                Some(previous) => *slot = previous,
+                None => devices.retain(|s| !Arc::ptr_eq(s, session)),
+            },
+            None => return,
+        }
+        if devices.is_empty() {
+            shard.remove(&session.user);
+        }
     }
 
     /// Removes `session` if it is still the registered one for its device.
@@ -214,12 +233,31 @@ mod tests {
         assert!(matches!(r.register(&old), Ok(Registered::Fresh)));
         assert!(matches!(r.register(&new), Ok(Registered::Replaced(_))));
         assert_eq!(
-            old.signals.load(Ordering::Acquire) & SIG_REPLACED,
-            SIG_REPLACED
+            old.signals.load(Ordering::Acquire),
+            0,
+            "told only once admitted"
         );
         // The replaced one leaving does not remove the newer.
         r.unregister(&old);
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn a_refused_login_puts_the_session_it_replaced_back() {
+        let r = Registry::default();
+        let old = session("alice", "phone", 1);
+        let new = session("alice", "phone", 2);
+        r.register(&old).unwrap();
+        let Ok(Registered::Replaced(previous)) = r.register(&new) else {
+            panic!("expected a replacement")
+        };
+        r.restore(&new, Some(previous));
+        r.notify_head("alice", 9);
+        assert_eq!(
+            (old.head(), new.head()),
+            (9, 0),
+            "the old session is registered again"
+        );
     }
 
     #[test]

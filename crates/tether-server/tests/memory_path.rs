@@ -237,6 +237,55 @@ async fn newer_login_kicks_older_and_older_never_evicts_newer() {
 }
 
 #[tokio::test]
+async fn a_refused_login_does_not_kick_the_working_session() {
+    let f = fixture(|_| {});
+    let (mut live, frames) = f.hello("bob", "phone", 5, None).await;
+    let Some(Frame::Welcome(w)) = frames.last() else {
+        panic!("{frames:?}")
+    };
+    // Newer epoch, but a resume point above head: refused, and must not cost `live`.
+    let (_bad, frames) = f.hello("bob", "phone", 6, Some((w.inbox_epoch, 99))).await;
+    assert!(matches!(frames.last(), Some(Frame::Error(e)) if e.fatal));
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..3).await;
+    let got = deliveries(&mut live, 3).await;
+    assert_eq!(got.len(), 3, "the working session still receives, no KICK");
+}
+
+#[tokio::test]
+async fn a_backlog_larger_than_the_send_buffer_streams_without_client_traffic() {
+    let f = fixture(|_| {});
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    for i in 0..100u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        alice
+            .send(&Frame::Send(pb::Send {
+                client_msg_id: Bytes::copy_from_slice(&id),
+                target: Some(pb::send::Target::User("bob".into())),
+                body: Bytes::from(vec![b'z'; 4096]),
+                content_type: String::new(),
+            }))
+            .unwrap();
+    }
+    flush(&mut alice).await.unwrap();
+    let mut acks = 0;
+    while acks < 100 {
+        if let Some(Frame::SendAck(_)) = next(&mut alice).await {
+            acks += 1;
+        }
+    }
+    // 100 × 4 KiB is far above the 64 KiB high-water mark; bob never sends a frame.
+    let (mut bob, _) = f.login("bob", "phone").await;
+    let mut got = 0;
+    while got < 100 {
+        if let Some(Frame::Deliver(_)) = next(&mut bob).await {
+            got += 1;
+        }
+    }
+}
+
+#[tokio::test]
 async fn sync_reads_history_in_bounded_batches() {
     let f = fixture(|_| {});
     let (mut alice, _) = f.login("alice", "laptop").await;
@@ -254,8 +303,8 @@ async fn sync_reads_history_in_bounded_batches() {
             break d;
         }
     };
-    assert_eq!(done.entries.len(), 128, "capped per batch");
-    assert_eq!(done.next_seq, 129);
+    assert_eq!(done.entries.len(), 64, "capped per batch");
+    assert_eq!(done.next_seq, 65);
     assert_eq!(done.head, 300);
 }
 

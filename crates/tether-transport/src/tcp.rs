@@ -138,7 +138,10 @@ impl Transport for TcpTransport {
                     };
                 }
                 if self.inpos < self.inbuf.len() {
-                    // A partial frame is waiting: append and retry from the buffer.
+                    // A partial frame is waiting: drop what was already taken, so the
+                    // buffer never holds more than one partial frame plus one read.
+                    self.inbuf.drain(..self.inpos);
+                    self.inpos = 0;
                     self.inbuf.extend_from_slice(&scratch[..n]);
                     let pending = std::mem::take(&mut self.inbuf);
                     let result = self.take(&pending[self.inpos..]);
@@ -254,6 +257,31 @@ mod tests {
             );
         }
         assert_eq!(s.inbuf.capacity(), 0, "idle server keeps no read buffer");
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_reads_ending_mid_frame_never_grows_the_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut raw = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let mut s = TcpTransport::accepted(accepted, 4096);
+        raw.write_all(&PREAMBLE).await.unwrap();
+        // 2-byte frames written 3 bytes at a time: every read ends inside a frame.
+        let wire: Vec<u8> = std::iter::repeat_n([1u8, 0x40], 30_000).flatten().collect();
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(3) {
+                raw.write_all(chunk).await.unwrap();
+            }
+            raw
+        });
+        let mut largest = 0;
+        for _ in 0..30_000 {
+            assert!(recv(&mut s).await.unwrap().is_some());
+            largest = largest.max(s.inbuf.len());
+        }
+        drop(writer.await.unwrap());
+        assert!(largest <= 64 * 1024 + 2, "buffer grew to {largest} bytes");
     }
 
     #[tokio::test]

@@ -213,6 +213,10 @@ fn report_events(
                     "tether {cmd}: the inbox was reset (epoch {old_epoch} -> {new_epoch}); \
                      continuing from seq {start_seq}"
                 ),
+                ClientEvent::EntriesExpired { from, to } => eprintln!(
+                    "tether {cmd}: entries {from}..={to} expired on the server before this \
+                     device fetched them"
+                ),
                 ClientEvent::SendAcked(ack) => eprintln!(
                     "tether {cmd}: earlier message {} confirmed (id {}, seq {})",
                     ack.client_msg_id, ack.message_id, ack.seq
