@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)
+command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)   # fsync-before-ack test
+command -v pgrep >/dev/null 2>&1 || need_pkgs+=(procps)    # pgrep/kill in e2e tests
+command -v kill >/dev/null 2>&1 || need_pkgs+=(procps)
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]} (apt)"
   sudo_cmd=""
