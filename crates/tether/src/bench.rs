@@ -66,6 +66,17 @@ enum Which {
         #[arg(long, default_value_t = 100_000)]
         sessions: usize,
     },
+    /// Server memory per idle authenticated TCP session: logs N real connections into a
+    /// `tether serve` running in another process and reads that process's RSS.
+    MemoryTcp {
+        #[arg(long, default_value_t = 18_000)]
+        sessions: usize,
+        /// The server's process id (its RSS is read from /proc).
+        #[arg(long)]
+        pid: u32,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -94,6 +105,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             target,
         } => latency(pairs, rate, seconds, durability, &target).await,
         Which::Memory { sessions } => memory(sessions).await,
+        Which::MemoryTcp {
+            sessions,
+            pid,
+            target,
+        } => memory_tcp(sessions, pid, &target).await,
     };
     match result {
         Ok(report) => {
@@ -532,7 +548,12 @@ impl Samples {
 
 /// Resident set size of this process, bytes.
 fn rss_bytes() -> Result<u64, String> {
-    let statm = std::fs::read_to_string("/proc/self/statm").map_err(|e| e.to_string())?;
+    rss_of("self")
+}
+
+/// Resident set size of process `pid` ("self" for this one), bytes.
+fn rss_of(pid: &str) -> Result<u64, String> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).map_err(|e| e.to_string())?;
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)
@@ -596,5 +617,46 @@ async fn memory(sessions: usize) -> BenchResult {
         "bytes_per_pipe_and_client_end": per_pipe.round(),
         "server_bytes_per_session": (per_session_total - per_pipe).round(),
         "method": "RSS delta over N logged-in idle in-memory sessions, minus the RSS delta of N bare pipes (the simulated wire + client end, measured separately in the same process)",
+    }))
+}
+
+async fn memory_tcp(sessions: usize, pid: u32, target: &Target) -> BenchResult {
+    if target.server.is_none() {
+        return Err("memory-tcp needs --server and --data of a running `tether serve`".into());
+    }
+    let server = Arc::new(BenchServer::connect(target, Durability::Fsync).await?);
+    let pid = pid.to_string();
+    let run: u32 = rand::random();
+    // Warm up the server's allocator and runtime before the baseline.
+    let mut held = Vec::with_capacity(sessions + 500);
+    for i in 0..500 {
+        held.push(server.login(&format!("w{i}-{run:x}"), "phone").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_of(&pid)?;
+    let started = Instant::now();
+    for chunk in (0..sessions).collect::<Vec<_>>().chunks(200) {
+        let logins = chunk.iter().map(|i| {
+            let server = server.clone();
+            let user = format!("u{i}-{run:x}");
+            async move { server.login(&user, "phone").await }
+        });
+        for t in futures_util::future::join_all(logins).await {
+            held.push(t?);
+        }
+    }
+    let login_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_of(&pid)?;
+    let delta = after.saturating_sub(before);
+    Ok(serde_json::json!({
+        "bench": "memory-tcp",
+        "transport": "tcp",
+        "sessions": sessions,
+        "login_rate_per_sec": (sessions as f64 / login_secs).round(),
+        "server_rss_before_bytes": before,
+        "server_rss_after_bytes": after,
+        "server_bytes_per_session": (delta as f64 / sessions as f64).round(),
+        "method": "RSS delta of the server process (another process) over N logged-in idle TCP sessions; kernel socket memory is not in RSS",
     }))
 }
