@@ -30,6 +30,17 @@ pub enum Durability {
     Relaxed,
 }
 
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fsync" => Ok(Durability::Fsync),
+            "relaxed" => Ok(Durability::Relaxed),
+            _ => Err(format!("`{s}`: expected fsync or relaxed")),
+        }
+    }
+}
+
 impl fmt::Display for Durability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -39,7 +39,7 @@ enum Which {
         /// Sends in flight (un-acknowledged) at once.
         #[arg(long, default_value_t = 2048)]
         window: usize,
-        #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+        #[arg(long, default_value = "fsync")]
         durability: Durability,
         /// Body size in bytes.
         #[arg(long, default_value_t = 64)]
@@ -56,7 +56,7 @@ enum Which {
         rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+        #[arg(long, default_value = "fsync")]
         durability: Durability,
         #[command(flatten)]
         target: Target,
@@ -77,14 +77,6 @@ enum Which {
         #[command(flatten)]
         target: Target,
     },
-}
-
-fn parse_durability(s: &str) -> Result<Durability, String> {
-    match s {
-        "fsync" => Ok(Durability::Fsync),
-        "relaxed" => Ok(Durability::Relaxed),
-        _ => Err(format!("`{s}`: expected fsync or relaxed")),
-    }
 }
 
 pub async fn run(args: BenchArgs) -> ExitCode {

@@ -59,7 +59,7 @@ struct ServeArgs {
     http: SocketAddr,
     /// `fsync` (acknowledged = on disk, survives power loss) or `relaxed` (written to
     /// the OS: survives a crash of the server, not a power cut).
-    #[arg(long, default_value = "fsync", value_parser = parse_durability)]
+    #[arg(long, default_value = "fsync")]
     durability: Durability,
     /// Where a device that never connected starts: `beginning`, `head` or `last:N`.
     #[arg(long, default_value = "beginning")]
@@ -85,14 +85,6 @@ struct TokenArgs {
     /// Data directory holding the secret (created if missing).
     #[arg(long, default_value = "tether-data")]
     data: PathBuf,
-}
-
-fn parse_durability(s: &str) -> Result<Durability, String> {
-    match s {
-        "fsync" => Ok(Durability::Fsync),
-        "relaxed" => Ok(Durability::Relaxed),
-        _ => Err(format!("`{s}`: expected fsync or relaxed")),
-    }
 }
 
 fn init_logging() {
