@@ -460,7 +460,14 @@ impl Driver {
         match &mut self.link {
             Link::Down { retry_at } if *retry_at <= now => self.start_attempt().await,
             Link::Up(conn) => match conn.heartbeat.handle_timeout(now) {
-                HeartbeatAction::Ping => self.send_frame(&Frame::Ping(pb::Ping::default())),
+                HeartbeatAction::Ping => {
+                    // A pending interval change rides on every PING until echoed.
+                    let next_interval_ms = conn
+                        .heartbeat
+                        .pending_next_interval()
+                        .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32);
+                    self.send_frame(&Frame::Ping(pb::Ping { next_interval_ms }))
+                }
                 HeartbeatAction::Dead => self.end_link(Ending {
                     reason: DisconnectReason::UnknownTimeout,
                     next: Next::Retry {
@@ -666,7 +673,11 @@ impl Driver {
             Frame::SendAck(a) => self.on_send_ack(a),
             Frame::Error(e) => self.on_error(e),
             Frame::Ping(_) => self.send_frame(&Frame::Pong(pb::Pong::default())),
-            Frame::Pong(_) => {}
+            Frame::Pong(pong) => {
+                let echoed = (pong.interval_ms > 0)
+                    .then(|| Duration::from_millis(u64::from(pong.interval_ms)));
+                conn.heartbeat.on_pong(now(), echoed);
+            }
             Frame::SyncDone(s) => self.on_sync_done(s),
             Frame::Kick(k) => self.on_kick(k),
             Frame::GoAway(g) => self.end_link(go_away_ending(g)),

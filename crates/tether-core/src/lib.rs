@@ -3,7 +3,8 @@
 //! and nothing here touches a socket, a clock or a runtime. The SDK and the server
 //! drive these; tests drive them with fake instants.
 //!
-//! - [`heartbeat`]: when to PING and when the link is dead (DESIGN §4).
+//! - [`heartbeat`]: when to PING and when the link is dead, idle or fixed mode, with
+//!   run-time interval changes and late timers (DESIGN §4).
 //! - [`backoff`]: capped exponential reconnect backoff with full jitter.
 //! - [`inbox`]: the client's cursor: each entry handed to the app once, in order.
 
