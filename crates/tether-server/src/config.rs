@@ -46,6 +46,8 @@ pub struct HeartbeatLimits {
     pub pong_timeout: Duration,
     /// `m`: PINGs the client may miss before the link is dead.
     pub max_misses: u32,
+    /// Added to the server's deadline for RTT and the client's timer slack.
+    pub grace: Duration,
 }
 
 impl Default for HeartbeatLimits {
@@ -56,11 +58,17 @@ impl Default for HeartbeatLimits {
             max_interval: Duration::from_secs(30 * 60),
             pong_timeout: Duration::from_secs(5),
             max_misses: 2,
+            grace: Duration::from_secs(5),
         }
     }
 }
 
 impl HeartbeatLimits {
+    /// How long a session may stay silent (DESIGN §4): `I + m·P + grace`.
+    pub fn deadline(&self, interval: Duration) -> Duration {
+        interval + self.pong_timeout * self.max_misses + self.grace
+    }
+
     /// Clamps a requested interval (0 = default) into the accepted range.
     pub fn accept(&self, requested_ms: u32) -> Duration {
         if requested_ms == 0 {
@@ -99,6 +107,8 @@ pub struct ServerConfig {
     pub heartbeat: HeartbeatLimits,
     /// Most messages in one group commit.
     pub max_commit_batch: usize,
+    /// How often session deadlines are checked (deadlines are exact to this much).
+    pub deadline_sweep: Duration,
 }
 
 impl Default for ServerConfig {
@@ -117,6 +127,7 @@ impl Default for ServerConfig {
             device_expiry: Duration::from_secs(90 * 24 * 3600),
             heartbeat: HeartbeatLimits::default(),
             max_commit_batch: 2048,
+            deadline_sweep: Duration::from_millis(250),
         }
     }
 }

@@ -11,7 +11,9 @@
 use crate::Shared;
 use crate::commit::CommitRequest;
 use crate::config::StartPolicy;
-use crate::registry::{Registered, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session};
+use crate::registry::{
+    Registered, SIG_DEADLINE, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session,
+};
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,6 +52,11 @@ enum Close {
     Shutdown,
     /// The peer sent a fatal ERROR.
     PeerError(String),
+    /// Nothing arrived within the liveness deadline.
+    Expired {
+        /// How long the session was silent, ms.
+        silent_ms: u64,
+    },
 }
 
 impl std::fmt::Display for Close {
@@ -62,6 +69,12 @@ impl std::fmt::Display for Close {
             Close::Replaced => f.write_str("replaced by a newer login of the device"),
             Close::Shutdown => f.write_str("server shutdown"),
             Close::PeerError(why) => write!(f, "peer sent fatal ERROR: {why}"),
+            Close::Expired { silent_ms } => {
+                write!(
+                    f,
+                    "liveness deadline passed: nothing received for {silent_ms} ms"
+                )
+            }
         }
     }
 }
@@ -206,6 +219,14 @@ async fn finish<T: Transport>(shared: &Shared, t: &mut T, close: Close) {
             reason: pb::KickReason::Replaced as i32,
             detail: "a newer login of this device took over".into(),
         })),
+        Close::Expired { silent_ms } => {
+            shared.metrics.sessions_expired.inc();
+            Some(frame::error(
+                ErrorCode::IdleTimeout,
+                format!("nothing received for {silent_ms} ms"),
+                true,
+            ))
+        }
         Close::Transport(_) | Close::Shutdown | Close::PeerError(_) => None,
     };
     if let Some(last) = last {
@@ -399,6 +420,8 @@ struct Conn<T> {
     inflight_sends: u32,
     /// Their body bytes, bounded by [`MAX_INFLIGHT_BYTES`].
     inflight_bytes: u32,
+    /// The heartbeat interval accepted for this session, ms.
+    interval_ms: u32,
 }
 
 /// What woke the connection loop.
@@ -422,6 +445,7 @@ impl<T: Transport> Conn<T> {
             head: a.info.head,
             inflight_sends: 0,
             inflight_bytes: 0,
+            interval_ms: a.interval.as_millis().min(u128::from(u32::MAX)) as u32,
         }
     }
 
@@ -432,7 +456,10 @@ impl<T: Transport> Conn<T> {
             }
             let event = poll_fn(|cx| self.poll_event(cx)).await;
             let step = match event {
-                Event::Frame(raw) => self.on_frame(raw),
+                Event::Frame(raw) => {
+                    self.extend_deadline();
+                    self.on_frame(raw)
+                }
                 Event::Signals(bits) => self.on_signals(bits),
                 Event::Writable => Ok(()),
                 Event::Closed(close) => Err(close),
@@ -486,6 +513,7 @@ impl<T: Transport> Conn<T> {
             head: a.info.head,
         }))?;
         self.t.set_max_frame(cfg.max_frame);
+        self.extend_deadline();
         info!(
             user = &*self.session.user,
             device = &*self.session.device,
@@ -496,6 +524,18 @@ impl<T: Transport> Conn<T> {
             "session opened"
         );
         Ok(())
+    }
+
+    /// `I + m·P + grace` for this session, ms.
+    fn deadline_ms(&self) -> u64 {
+        let interval = Duration::from_millis(u64::from(self.interval_ms));
+        self.shared.config.heartbeat.deadline(interval).as_millis() as u64
+    }
+
+    /// Something arrived: the session may stay silent for another deadline.
+    fn extend_deadline(&self) {
+        self.session
+            .set_deadline(self.shared.now_ms() + self.deadline_ms());
     }
 
     fn send(&mut self, f: Frame) -> Result<(), Close> {
@@ -554,6 +594,17 @@ impl<T: Transport> Conn<T> {
         if bits & SIG_SHUTDOWN != 0 {
             return Err(Close::Shutdown);
         }
+        if bits & SIG_DEADLINE != 0 {
+            // The sweep saw an old value; a frame may have arrived since.
+            let now = self.shared.now_ms();
+            let deadline = self.session.deadline();
+            if deadline != 0 && deadline <= now {
+                let allowed = self.deadline_ms();
+                return Err(Close::Expired {
+                    silent_ms: now - deadline + allowed,
+                });
+            }
+        }
         if bits & SIG_REPLIES != 0 {
             for reply in self.session.take_replies() {
                 // Replies come back in submission order; sizes are not kept, so each
@@ -609,11 +660,16 @@ impl<T: Transport> Conn<T> {
 
     fn on_ping(&mut self, ping: pb::Ping) -> Result<(), Close> {
         let interval_ms = if ping.next_interval_ms > 0 {
-            self.shared
+            // The client switches when it sees the echo; the deadline follows at once.
+            let accepted = self
+                .shared
                 .config
                 .heartbeat
                 .accept(ping.next_interval_ms)
-                .as_millis() as u32
+                .as_millis() as u32;
+            self.interval_ms = accepted;
+            self.extend_deadline();
+            accepted
         } else {
             0
         };

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Registry, SIG_SHUTDOWN};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tether_store::{EmbeddedStore, Store, StoreError};
 use tether_transport::memory::{self, MemoryTransport};
@@ -75,6 +75,35 @@ pub struct Shared {
     pub session_ids: AtomicU64,
     /// Random per process start, so session ids differ across restarts.
     pub boot_id: u32,
+    /// The server's clock for deadlines: ms since this instant.
+    pub clock: std::time::Instant,
+    sweeper: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Milliseconds on the server's clock (deadlines are kept in these).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Starts the deadline sweeper once (needs a Tokio runtime). It holds only a weak
+    /// reference, so it ends with the server.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = self.config.deadline_sweep;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(shared) = weak.upgrade() else { return };
+                shared.registry.signal_expired(shared.now_ms());
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -124,6 +153,8 @@ impl Server {
                 auth,
                 session_ids: AtomicU64::new(1),
                 boot_id: rand::random(),
+                clock: std::time::Instant::now(),
+                sweeper: Default::default(),
             }),
         })
     }
@@ -136,6 +167,7 @@ impl Server {
     /// Opens an in-memory connection served by this server; returns the client end.
     /// Must be called inside a Tokio runtime.
     pub fn connect_memory(&self) -> MemoryTransport {
+        self.shared.start_sweeper();
         let (client, server) = memory::pair(tether_proto::PRE_AUTH_MAX_FRAME);
         tokio::spawn(connection::serve(self.shared.clone(), server));
         client
@@ -162,6 +194,7 @@ impl Server {
             ),
             None => None,
         };
+        self.shared.start_sweeper();
         let accept = tokio::spawn(accept_loop(listener, self.shared.clone()));
         info!(
             %addr,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     /// Protocol errors sent to peers.
     pub protocol_errors: Counter,
+    /// Sessions closed because nothing arrived within their deadline.
+    pub sessions_expired: Counter,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -50,6 +52,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             messages_delivered: Counter::default(),
             protocol_errors: Counter::default(),
+            sessions_expired: Counter::default(),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -90,6 +93,11 @@ impl Default for Metrics {
             "protocol_errors",
             "ERROR frames sent to peers",
             m.protocol_errors.clone(),
+        );
+        registry.register(
+            "sessions_expired",
+            "Sessions closed because nothing arrived within their liveness deadline",
+            m.sessions_expired.clone(),
         );
         registry.register(
             "commit_latency_seconds",

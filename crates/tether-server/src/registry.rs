@@ -22,6 +22,8 @@ pub const SIG_REPLIES: u8 = 2;
 pub const SIG_REPLACED: u8 = 4;
 /// Signal bit: the server is shutting down.
 pub const SIG_SHUTDOWN: u8 = 8;
+/// Signal bit: the session's liveness deadline passed (the connection re-checks it).
+pub const SIG_DEADLINE: u8 = 16;
 
 /// A logged-in connection as the rest of the server sees it.
 #[derive(Debug)]
@@ -33,6 +35,8 @@ pub struct Session {
     /// Device epoch of this login.
     pub device_epoch: u64,
     head: AtomicU64,
+    /// Liveness deadline, ms on the server's clock (0 = none yet).
+    deadline_ms: AtomicU64,
     signals: AtomicU8,
     waker: AtomicWaker,
     replies: Mutex<VecDeque<Frame>>,
@@ -46,6 +50,7 @@ impl Session {
             device,
             device_epoch,
             head: AtomicU64::new(0),
+            deadline_ms: AtomicU64::new(0),
             signals: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             replies: Mutex::new(VecDeque::new()),
@@ -62,6 +67,16 @@ impl Session {
     pub fn notify_head(&self, head: u64) {
         self.head.fetch_max(head, Ordering::AcqRel);
         self.signal(SIG_HEAD);
+    }
+
+    /// Moves the liveness deadline (ms on the server's clock).
+    pub fn set_deadline(&self, at_ms: u64) {
+        self.deadline_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    /// The liveness deadline (ms on the server's clock; 0 = none).
+    pub fn deadline(&self) -> u64 {
+        self.deadline_ms.load(Ordering::Relaxed)
     }
 
     /// The newest head notified.
@@ -190,6 +205,24 @@ impl Registry {
                 s.notify_head(head);
             }
         }
+    }
+
+    /// Signals every session whose deadline is at or before `now_ms`; returns how many.
+    /// One pass over the registry instead of a timer per session (DESIGN §10).
+    pub fn signal_expired(&self, now_ms: u64) -> usize {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            for devices in shard.lock().values() {
+                for s in devices {
+                    let at = s.deadline();
+                    if at != 0 && at <= now_ms {
+                        s.signal(SIG_DEADLINE);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
     }
 
     /// Signals every session (e.g. shutdown).

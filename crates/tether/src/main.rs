@@ -76,6 +76,24 @@ struct ServeArgs {
     /// Days messages (and their dedup keys) are kept.
     #[arg(long, default_value_t = 30)]
     retention_days: u64,
+    /// Heartbeat interval given to clients that ask for none, ms.
+    #[arg(long, default_value_t = 30_000)]
+    heartbeat_default_ms: u64,
+    /// Shortest heartbeat interval accepted, ms (requests are clamped).
+    #[arg(long, default_value_t = 5_000)]
+    heartbeat_min_ms: u64,
+    /// Longest heartbeat interval accepted, ms (requests are clamped).
+    #[arg(long, default_value_t = 1_800_000)]
+    heartbeat_max_ms: u64,
+    /// `P`: how long clients wait for a PONG, ms (announced in WELCOME).
+    #[arg(long, default_value_t = 5_000)]
+    pong_timeout_ms: u64,
+    /// `m`: PINGs a client may miss before its link is dead (announced in WELCOME).
+    #[arg(long, default_value_t = 2)]
+    max_misses: u32,
+    /// Grace added to the server's deadline `I + m·P` for RTT and timer slack, ms.
+    #[arg(long, default_value_t = 5_000)]
+    deadline_grace_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -144,6 +162,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_frame: args.max_frame,
         credit_window: args.credit_window.max(1),
         retention: Duration::from_secs(args.retention_days * 24 * 3600),
+        heartbeat: tether_server::config::HeartbeatLimits {
+            default_interval: Duration::from_millis(args.heartbeat_default_ms),
+            min_interval: Duration::from_millis(args.heartbeat_min_ms),
+            max_interval: Duration::from_millis(args.heartbeat_max_ms.max(args.heartbeat_min_ms)),
+            pong_timeout: Duration::from_millis(args.pong_timeout_ms),
+            max_misses: args.max_misses,
+            grace: Duration::from_millis(args.deadline_grace_ms),
+        },
         ..ServerConfig::default()
     };
     let server = match Server::open(config) {

@@ -220,6 +220,17 @@ pub struct RawClient {
 impl RawClient {
     /// Connects, logs in, returns the client and WELCOME.
     pub fn login(addr: SocketAddr, token: &str, device: &str, epoch: u64) -> (Self, pb::Welcome) {
+        Self::login_with(addr, token, device, epoch, 0)
+    }
+
+    /// Same, asking for a heartbeat interval (0 = the server's default).
+    pub fn login_with(
+        addr: SocketAddr,
+        token: &str,
+        device: &str,
+        epoch: u64,
+        heartbeat_interval_ms: u32,
+    ) -> (Self, pb::Welcome) {
         let stream = TcpStream::connect(addr).expect("connect");
         stream.set_nodelay(true).unwrap();
         stream
@@ -235,6 +246,7 @@ impl RawClient {
             token: token.into(),
             device_id: device.into(),
             device_epoch: epoch,
+            heartbeat_interval_ms,
             ..Default::default()
         }));
         loop {
@@ -269,6 +281,23 @@ impl RawClient {
             let n = self.stream.read(&mut chunk).expect("read");
             assert!(n > 0, "server closed");
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until the server closes the connection (10 s at most).
+    pub fn read_until_closed(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            while let Some((raw, used)) = tether_proto::decode_frame(&self.buf, 1 << 20).unwrap() {
+                self.buf.drain(..used);
+                frames.push(frame::from_raw(&raw).unwrap());
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return frames,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => panic!("not closed: {e}"),
+            }
         }
     }
 
