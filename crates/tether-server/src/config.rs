@@ -109,6 +109,14 @@ pub struct ServerConfig {
     pub max_commit_batch: usize,
     /// How often session deadlines are checked (deadlines are exact to this much).
     pub deadline_sweep: Duration,
+    /// TCP_USER_TIMEOUT on accepted sockets: the kernel gives up on data unacknowledged
+    /// this long. Kernel keepalive stays off on server sockets (DESIGN §4: the
+    /// heartbeat decides liveness; keepalive must never do its job).
+    pub tcp_user_timeout: Option<Duration>,
+    /// Logins admitted per second (token bucket); beyond it ERROR{OVERLOADED}.
+    pub login_rate: f64,
+    /// Logins admitted at once before the rate applies.
+    pub login_burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -128,6 +136,9 @@ impl Default for ServerConfig {
             heartbeat: HeartbeatLimits::default(),
             max_commit_batch: 2048,
             deadline_sweep: Duration::from_millis(250),
+            tcp_user_timeout: Some(Duration::from_secs(60)),
+            login_rate: 2000.0,
+            login_burst: 500,
         }
     }
 }

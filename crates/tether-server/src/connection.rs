@@ -52,6 +52,11 @@ enum Close {
     Shutdown,
     /// The peer sent a fatal ERROR.
     PeerError(String),
+    /// Admission control refused the login for now.
+    Overloaded {
+        /// When to try again, at the earliest.
+        retry_after: Duration,
+    },
     /// Nothing arrived within the liveness deadline.
     Expired {
         /// How long the session was silent, ms.
@@ -73,6 +78,12 @@ impl std::fmt::Display for Close {
                 write!(
                     f,
                     "liveness deadline passed: nothing received for {silent_ms} ms"
+                )
+            }
+            Close::Overloaded { retry_after } => {
+                write!(
+                    f,
+                    "login refused by admission control; retry after {retry_after:?}"
                 )
             }
         }
@@ -219,6 +230,19 @@ async fn finish<T: Transport>(shared: &Shared, t: &mut T, close: Close) {
             reason: pb::KickReason::Replaced as i32,
             detail: "a newer login of this device took over".into(),
         })),
+        Close::Overloaded { retry_after } => {
+            shared.metrics.logins_throttled.inc();
+            let mut e = frame::error(
+                ErrorCode::Overloaded,
+                "too many logins right now; retry after retry_after_ms",
+                true,
+            );
+            if let Frame::Error(ref mut inner) = e {
+                inner.retry_after_ms =
+                    retry_after.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+            }
+            Some(e)
+        }
         Close::Expired { silent_ms } => {
             shared.metrics.sessions_expired.inc();
             Some(frame::error(
@@ -291,6 +315,10 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
             ErrorCode::UnsupportedVersion,
             format!("protocol version {} is not supported (1 is)", hello.version),
         ));
+    }
+    // Admission control first: the cheapest refusal, before any crypto or store work.
+    if let Err(retry_after) = shared.logins.lock().try_take(Instant::now()) {
+        return Err(Close::Overloaded { retry_after });
     }
     let user = shared
         .auth

@@ -77,6 +77,8 @@ pub struct Shared {
     pub boot_id: u32,
     /// The server's clock for deadlines: ms since this instant.
     pub clock: std::time::Instant,
+    /// Admission control for logins.
+    pub logins: parking_lot::Mutex<tether_core::admission::TokenBucket>,
     sweeper: std::sync::atomic::AtomicBool,
 }
 
@@ -131,6 +133,11 @@ impl Server {
     /// A server over an already opened store (tests: simulated disks).
     pub fn with_store(config: ServerConfig, store: Arc<dyn Store>) -> Result<Self, ServerError> {
         let auth = Authenticator::open(&config.data_dir)?;
+        let logins = parking_lot::Mutex::new(tether_core::admission::TokenBucket::new(
+            std::time::Instant::now(),
+            config.login_rate,
+            config.login_burst,
+        ));
         let registry = Arc::new(Registry::default());
         let metrics = Arc::new(Metrics::default());
         let commit = CommitPath::start(
@@ -154,6 +161,7 @@ impl Server {
                 session_ids: AtomicU64::new(1),
                 boot_id: rand::random(),
                 clock: std::time::Instant::now(),
+                logins,
                 sweeper: Default::default(),
             }),
         })
@@ -259,6 +267,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
+                if let Some(timeout) = shared.config.tcp_user_timeout {
+                    let socket = socket2::SockRef::from(&stream);
+                    if let Err(e) = socket.set_tcp_user_timeout(Some(timeout)) {
+                        warn!(error = %e, "cannot set TCP_USER_TIMEOUT");
+                    }
+                }
                 let transport = TcpTransport::accepted(stream, tether_proto::PRE_AUTH_MAX_FRAME);
                 tokio::spawn(connection::serve(shared.clone(), transport));
             }

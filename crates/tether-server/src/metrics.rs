@@ -32,6 +32,8 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     /// Sessions closed because nothing arrived within their deadline.
     pub sessions_expired: Counter,
+    /// Logins refused by admission control (ERROR OVERLOADED).
+    pub logins_throttled: Counter,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -53,6 +55,7 @@ impl Default for Metrics {
             messages_delivered: Counter::default(),
             protocol_errors: Counter::default(),
             sessions_expired: Counter::default(),
+            logins_throttled: Counter::default(),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -93,6 +96,11 @@ impl Default for Metrics {
             "protocol_errors",
             "ERROR frames sent to peers",
             m.protocol_errors.clone(),
+        );
+        registry.register(
+            "logins_throttled",
+            "Logins refused by admission control (ERROR OVERLOADED with retry_after_ms)",
+            m.logins_throttled.clone(),
         );
         registry.register(
             "sessions_expired",

@@ -94,6 +94,17 @@ struct ServeArgs {
     /// Grace added to the server's deadline `I + m·P` for RTT and timer slack, ms.
     #[arg(long, default_value_t = 5_000)]
     deadline_grace_ms: u64,
+    /// TCP_USER_TIMEOUT on client sockets, ms: unacknowledged data older than this
+    /// aborts the connection in the kernel (0 = the kernel's default).
+    #[arg(long, default_value_t = 60_000)]
+    tcp_user_timeout_ms: u64,
+    /// Logins admitted per second; beyond it clients get ERROR OVERLOADED with
+    /// retry_after_ms.
+    #[arg(long, default_value_t = 2000.0)]
+    login_rate: f64,
+    /// Logins admitted at once before the rate applies.
+    #[arg(long, default_value_t = 500)]
+    login_burst: u32,
 }
 
 #[derive(clap::Args)]
@@ -170,6 +181,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
             max_misses: args.max_misses,
             grace: Duration::from_millis(args.deadline_grace_ms),
         },
+        login_rate: args.login_rate,
+        login_burst: args.login_burst,
+        tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.tcp_user_timeout_ms)),
         ..ServerConfig::default()
     };
     let server = match Server::open(config) {
