@@ -237,6 +237,9 @@ impl BenchServer {
             listen: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
             http: None,
             durability,
+            // Benchmarks log in thousands of clients at once on purpose.
+            login_rate: 1e9,
+            login_burst: u32::MAX,
             ..ServerConfig::default()
         };
         let server = Server::open(config).map_err(|e| e.to_string())?;
