@@ -117,6 +117,11 @@ pub struct ServerConfig {
     pub login_rate: f64,
     /// Logins admitted at once before the rate applies.
     pub login_burst: u32,
+    /// On drain, clients are told to reconnect after a random delay within this window,
+    /// so a restart does not bring them all back at once.
+    pub drain_window: Duration,
+    /// On drain, the address clients should use instead, if any.
+    pub drain_to: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -139,6 +144,8 @@ impl Default for ServerConfig {
             tcp_user_timeout: Some(Duration::from_secs(60)),
             login_rate: 2000.0,
             login_burst: 500,
+            drain_window: Duration::from_secs(10),
+            drain_to: None,
         }
     }
 }

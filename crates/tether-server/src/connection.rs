@@ -12,7 +12,8 @@ use crate::Shared;
 use crate::commit::CommitRequest;
 use crate::config::StartPolicy;
 use crate::registry::{
-    Registered, SIG_DEADLINE, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN, Session,
+    Registered, SIG_DEADLINE, SIG_GOAWAY, SIG_HEAD, SIG_REPLACED, SIG_REPLIES, SIG_SHUTDOWN,
+    Session,
 };
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -52,6 +53,8 @@ enum Close {
     Shutdown,
     /// The peer sent a fatal ERROR.
     PeerError(String),
+    /// The server drains: the client is told to come back later.
+    GoingAway,
     /// Admission control refused the login for now.
     Overloaded {
         /// When to try again, at the earliest.
@@ -86,6 +89,7 @@ impl std::fmt::Display for Close {
                     "login refused by admission control; retry after {retry_after:?}"
                 )
             }
+            Close::GoingAway => f.write_str("server draining: sent GOAWAY"),
         }
     }
 }
@@ -229,6 +233,15 @@ async fn finish<T: Transport>(shared: &Shared, t: &mut T, close: Close) {
         Close::Replaced => Some(Frame::Kick(pb::Kick {
             reason: pb::KickReason::Replaced as i32,
             detail: "a newer login of this device took over".into(),
+        })),
+        Close::GoingAway => Some(Frame::GoAway(pb::GoAway {
+            min_delay_ms: 0,
+            max_delay_ms: shared
+                .config
+                .drain_window
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u32,
+            alternate_address: shared.config.drain_to.clone().unwrap_or_default(),
         })),
         Close::Overloaded { retry_after } => {
             shared.metrics.logins_throttled.inc();
@@ -621,6 +634,9 @@ impl<T: Transport> Conn<T> {
         }
         if bits & SIG_SHUTDOWN != 0 {
             return Err(Close::Shutdown);
+        }
+        if bits & SIG_GOAWAY != 0 {
+            return Err(Close::GoingAway);
         }
         if bits & SIG_DEADLINE != 0 {
             // The sweep saw an old value; a frame may have arrived since.

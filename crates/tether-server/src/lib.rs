@@ -20,7 +20,7 @@ pub mod registry;
 use crate::auth::Authenticator;
 use crate::commit::CommitPath;
 use crate::metrics::Metrics;
-use crate::registry::{Registry, SIG_SHUTDOWN};
+use crate::registry::{Registry, SIG_GOAWAY, SIG_SHUTDOWN};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,6 +251,26 @@ impl RunningServer {
     /// The server behind the listener.
     pub fn server(&self) -> &Server {
         &self.server
+    }
+
+    /// Drains: stops accepting, tells every session GOAWAY (reconnect after a random
+    /// delay within the drain window, possibly elsewhere) and closes it, then commits
+    /// what was submitted and flushes the store.
+    pub async fn drain(self) {
+        self.accept.abort();
+        let shared = self.server.shared.clone();
+        let sessions = shared.registry.len();
+        info!(sessions, window = ?shared.config.drain_window, "draining: sending GOAWAY");
+        shared.registry.signal_all(SIG_GOAWAY);
+        // Wait until every connection has written its GOAWAY and closed (the gauge drops
+        // only after that), at most 2 s.
+        for _ in 0..200 {
+            if shared.metrics.connections_open.get() <= 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shutdown().await;
     }
 
     /// Stops accepting, closes sessions, flushes the store.

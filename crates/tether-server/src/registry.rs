@@ -24,6 +24,8 @@ pub const SIG_REPLACED: u8 = 4;
 pub const SIG_SHUTDOWN: u8 = 8;
 /// Signal bit: the session's liveness deadline passed (the connection re-checks it).
 pub const SIG_DEADLINE: u8 = 16;
+/// Signal bit: the server drains: send GOAWAY and close.
+pub const SIG_GOAWAY: u8 = 32;
 
 /// A logged-in connection as the rest of the server sees it.
 #[derive(Debug)]

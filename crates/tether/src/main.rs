@@ -105,6 +105,13 @@ struct ServeArgs {
     /// Logins admitted at once before the rate applies.
     #[arg(long, default_value_t = 500)]
     login_burst: u32,
+    /// On SIGTERM, clients are told (GOAWAY) to reconnect after a random delay within
+    /// this many ms, so a restart does not bring them all back at once.
+    #[arg(long, default_value_t = 10_000)]
+    drain_window_ms: u64,
+    /// On SIGTERM, the address clients should move to instead.
+    #[arg(long)]
+    drain_to: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -181,6 +188,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
             max_misses: args.max_misses,
             grace: Duration::from_millis(args.deadline_grace_ms),
         },
+        drain_window: Duration::from_millis(args.drain_window_ms),
+        drain_to: args.drain_to,
         login_rate: args.login_rate,
         login_burst: args.login_burst,
         tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
@@ -202,8 +211,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     wait_for_stop_signal().await;
-    tracing::info!("stopping: closing sessions and flushing the store");
-    running.shutdown().await;
+    tracing::info!("stopping: draining sessions and flushing the store");
+    running.drain().await;
     ExitCode::SUCCESS
 }
 

@@ -44,10 +44,11 @@ impl ServerProc {
         } else {
             tether()
         };
-        cmd.arg("serve")
-            .arg("--data")
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        cmd.arg("serve").arg("--data").arg(data);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--http", "127.0.0.1:0"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,6 +146,14 @@ fn unsafe_kill(pid: u32, signal: &str) {
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
         .status();
+}
+
+/// A loopback address with a port free right now (for a server that must restart on
+/// the same address).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
 }
 
 /// Runs the CLI to completion with a timeout.
