@@ -26,6 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tether_core::diagnosis::Diagnosis;
 use tether_proto::frame::{self, kind_of};
 use tether_proto::pb::{self, ErrorCode, KickReason};
 use tether_proto::{DEFAULT_MAX_FRAME, DecodeError, Frame, PROTOCOL_VERSION, RawFrame, kind};
@@ -468,12 +469,21 @@ impl Driver {
                         .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32);
                     self.send_frame(&Frame::Ping(pb::Ping { next_interval_ms }))
                 }
-                HeartbeatAction::Dead => self.end_link(Ending {
-                    reason: DisconnectReason::UnknownTimeout,
-                    next: Next::Retry {
-                        floor: Duration::ZERO,
-                    },
-                }),
+                HeartbeatAction::Dead => {
+                    // TCP_INFO tells a stalled server from a dead path (DESIGN §4).
+                    let reason =
+                        match tether_core::diagnosis::classify(conn.transport.tcp_snapshot()) {
+                            Diagnosis::ServerUnresponsive => DisconnectReason::ServerUnresponsive,
+                            Diagnosis::NetworkDead => DisconnectReason::NetworkDead,
+                            Diagnosis::Unknown => DisconnectReason::UnknownTimeout,
+                        };
+                    self.end_link(Ending {
+                        reason,
+                        next: Next::Retry {
+                            floor: Duration::ZERO,
+                        },
+                    })
+                }
                 HeartbeatAction::Idle => {}
             },
             _ => {}
@@ -822,11 +832,10 @@ impl Driver {
         }
         if matches!(
             ending.reason,
-            DisconnectReason::UnknownTimeout
-                | DisconnectReason::ServerUnresponsive
-                | DisconnectReason::NetworkDead
+            DisconnectReason::UnknownTimeout | DisconnectReason::ServerUnresponsive
         ) {
-            // Prefer another server next time.
+            // Prefer another server next time (not after "network dead": the path, not
+            // the server, failed).
             self.server_index = self.server_index.wrapping_add(1);
         }
         let retry_in = match ending.next {

@@ -6,10 +6,12 @@
 //! - [`heartbeat`]: when to PING and when the link is dead, idle or fixed mode, with
 //!   run-time interval changes and late timers (DESIGN §4).
 //! - [`admission`]: the login token bucket.
+//! - [`diagnosis`]: why a heartbeat failed, from TCP_INFO.
 //! - [`backoff`]: capped exponential reconnect backoff with full jitter.
 //! - [`inbox`]: the client's cursor: each entry handed to the app once, in order.
 
 pub mod admission;
 pub mod backoff;
+pub mod diagnosis;
 pub mod heartbeat;
 pub mod inbox;

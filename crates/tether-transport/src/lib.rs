@@ -87,6 +87,12 @@ pub trait Transport: Send + Unpin + 'static {
 
     /// The peer's address, for logs.
     fn peer(&self) -> String;
+
+    /// The kernel's view of the connection (TCP_INFO), where there is one; used to
+    /// diagnose a failed heartbeat.
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        None
+    }
 }
 
 /// Flushes then returns, for code outside a poll loop.
@@ -127,5 +133,8 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn peer(&self) -> String {
         (**self).peer()
+    }
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        (**self).tcp_snapshot()
     }
 }
