@@ -318,6 +318,20 @@ impl ClientHandle {
         outcome.await.unwrap_or_else(|_| Err(self.stop_error()))
     }
 
+    /// Switches the heartbeat interval at run time (e.g. foreground 30 s, background
+    /// 5 min). A shorter one applies at once; a longer one is asked of the server with
+    /// PING{next} and applies when its PONG echoes the accepted (clamped) value.
+    pub async fn set_heartbeat_interval(&self, interval: Duration) {
+        let _ = self.controls.send(Control::SetHeartbeat(interval)).await;
+    }
+
+    /// Tells the client the device changed networks (Wi-Fi ↔ cellular): it drops the
+    /// current connection, whose path is likely gone, and reconnects at once, without
+    /// waiting for the heartbeat to notice or for the backoff.
+    pub async fn network_changed(&self) {
+        let _ = self.controls.send(Control::NetworkChanged).await;
+    }
+
     /// Waits until a session is up; fails at once if the client stopped.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<SessionInfo, ClientError> {
         let mut status = self.status.clone();

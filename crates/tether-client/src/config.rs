@@ -28,6 +28,8 @@ pub struct ClientConfig {
     pub state_path: Option<PathBuf>,
     /// PING after this long without sending anything (the server may clamp it).
     pub heartbeat_interval: Duration,
+    /// Idle (PING after `heartbeat_interval` without sending) or fixed (every interval).
+    pub heartbeat_mode: tether_core::heartbeat::HeartbeatMode,
     /// How long to wait for a PONG (the server's WELCOME may override it).
     pub pong_timeout: Duration,
     /// Platform name sent in HELLO.
@@ -69,6 +71,7 @@ impl ClientConfig {
             device_id: device_id.into(),
             state_path: None,
             heartbeat_interval,
+            heartbeat_mode: Default::default(),
             pong_timeout,
             platform: std::env::consts::OS.to_string(),
             app_version: concat!("tether-client/", env!("CARGO_PKG_VERSION")).to_string(),

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tether_core::diagnosis::Diagnosis;
+use tether_core::heartbeat::{HeartbeatConfig, HeartbeatMode};
 use tether_proto::frame::{self, kind_of};
 use tether_proto::pb::{self, ErrorCode, KickReason};
 use tether_proto::{DEFAULT_MAX_FRAME, DecodeError, Frame, PROTOCOL_VERSION, RawFrame, kind};
@@ -73,6 +74,10 @@ pub(crate) enum Control {
         reply: oneshot::Sender<Result<Vec<Entry>, ClientError>>,
     },
     Close,
+    /// Switch the heartbeat interval (foreground/background profiles).
+    SetHeartbeat(Duration),
+    /// The device changed networks: reconnect now instead of waiting.
+    NetworkChanged,
 }
 
 /// The driver's ends of the channels to the handles.
@@ -386,6 +391,31 @@ impl Driver {
                 asked: false,
             }),
             Control::Close => self.close().await,
+            Control::SetHeartbeat(interval) => {
+                self.config.heartbeat_interval = interval;
+                if let Link::Up(conn) = &mut self.link {
+                    // Shorter applies at once; longer waits for the server's PONG echo.
+                    conn.heartbeat.set_interval(now(), interval);
+                }
+            }
+            Control::NetworkChanged => match &self.link {
+                // The old path is probably gone: drop it and try at once.
+                Link::Up(_) => {
+                    self.end_link(Ending {
+                        reason: DisconnectReason::NetworkDead,
+                        next: Next::Retry {
+                            floor: Duration::ZERO,
+                        },
+                    });
+                    self.backoff.reset();
+                    self.link = Link::Down { retry_at: now() };
+                }
+                Link::Down { .. } => {
+                    self.backoff.reset();
+                    self.link = Link::Down { retry_at: now() };
+                }
+                Link::Connecting { .. } | Link::Stopped => {}
+            },
         }
     }
 
@@ -509,7 +539,10 @@ impl Driver {
             platform: self.config.platform.clone(),
             app_version: self.config.app_version.clone(),
             network: None,
-            heartbeat_mode: pb::HeartbeatMode::Idle as i32,
+            heartbeat_mode: match self.config.heartbeat_mode {
+                HeartbeatMode::Idle => pb::HeartbeatMode::Idle,
+                HeartbeatMode::Fixed => pb::HeartbeatMode::Fixed,
+            } as i32,
             heartbeat_interval_ms: duration_ms_u32(self.config.heartbeat_interval),
             resume,
             probe: false,
@@ -655,7 +688,19 @@ impl Driver {
         self.outbox.restart();
         self.link = Link::Up(Box::new(Conn {
             transport,
-            heartbeat: Heartbeat::new(now(), interval, pong_timeout),
+            heartbeat: Heartbeat::with_config(
+                now(),
+                HeartbeatConfig {
+                    mode: self.config.heartbeat_mode,
+                    interval,
+                    pong_timeout,
+                    // 0 = not announced: the default m.
+                    max_misses: match limits.max_misses {
+                        0 => tether_core::heartbeat::MAX_MISSES,
+                        m => m,
+                    },
+                },
+            ),
             info: info.clone(),
             acked_sent,
         }));

@@ -37,6 +37,13 @@ pub struct ConnArgs {
     /// Where state files (`<user>@<device>.json`) are kept.
     #[arg(long, default_value = "tether-client")]
     pub state_dir: PathBuf,
+    /// Heartbeat interval to ask the server for, ms (it may clamp it).
+    #[arg(long, default_value_t = 30_000)]
+    pub heartbeat_interval_ms: u64,
+    /// `idle` (a PING only after this long without sending anything) or `fixed`
+    /// (a PING every interval regardless of traffic).
+    #[arg(long, default_value = "idle", value_parser = ["idle", "fixed"])]
+    pub heartbeat_mode: String,
 }
 
 /// `tether send`.
@@ -128,6 +135,11 @@ fn login(conn: &ConnArgs) -> Result<Login, String> {
     ));
     let mut config = ClientConfig::new(conn.server.clone(), token, conn.device.clone());
     config.state_path = Some(state_path.clone());
+    config.heartbeat_interval = std::time::Duration::from_millis(conn.heartbeat_interval_ms);
+    config.heartbeat_mode = match conn.heartbeat_mode.as_str() {
+        "fixed" => tether_core::heartbeat::HeartbeatMode::Fixed,
+        _ => tether_core::heartbeat::HeartbeatMode::Idle,
+    };
     config.platform = "cli".into();
     config.app_version = concat!("tether-cli/", env!("CARGO_PKG_VERSION")).into();
     Ok(Login {

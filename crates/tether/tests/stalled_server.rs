@@ -97,3 +97,35 @@ async fn a_stalled_server_is_diagnosed_and_the_client_fails_over() {
     assert!(welcome.inbox_epoch != 0, "the first server serves again");
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_changed_reconnects_at_once_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(&dir.path().join("data"), &[]);
+    let mut cfg = ClientConfig::new(server.addr.to_string(), server.token("gina"), "phone");
+    // A long backoff: only an immediate attempt can be back quickly.
+    cfg.backoff_base = Duration::from_secs(5);
+    cfg.backoff_cap = Duration::from_secs(30);
+    let client = Client::start(cfg).unwrap();
+    client
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    while events.try_recv().is_ok() {}
+    let changed = Instant::now();
+    client.network_changed().await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Ok(ClientEvent::Connected(_))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("not back: {other:?}"),
+        }
+    }
+    assert!(
+        changed.elapsed() < Duration::from_secs(2),
+        "back after {:?}",
+        changed.elapsed()
+    );
+    client.close().await;
+}
