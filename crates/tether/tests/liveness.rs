@@ -109,3 +109,155 @@ fn a_session_that_pings_stays_and_a_longer_interval_moves_the_deadline() {
         "closed after {after:?}"
     );
 }
+
+fn signal(pid: u32, sig: &str) {
+    assert!(
+        std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+fn spawn_recv(
+    server: &ServerProc,
+    user: &str,
+    state: &std::path::Path,
+    count: usize,
+    extra: &[&str],
+) -> std::process::Child {
+    let mut args: Vec<String> = vec![
+        "recv".into(),
+        "--count".into(),
+        count.to_string(),
+        "--timeout".into(),
+        "60".into(),
+    ];
+    args.extend(common::cli_auth(server, user, "cli", state));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    common::tether()
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_metric(server: &ServerProc, name: &str, want: f64, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if metric(server, name) == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "{name} never reached {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_silent_client_is_dropped_in_bounds_and_gets_what_was_sent_meanwhile_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let server = ServerProc::start(&dir.path().join("data"), FLAGS);
+    let recv = spawn_recv(
+        &server,
+        "bob",
+        &state,
+        3,
+        &["--heartbeat-interval-ms", "1000"],
+    );
+    wait_metric(
+        &server,
+        "tether_connections_open",
+        1.0,
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = Instant::now();
+    signal(recv.id(), "STOP");
+    // Its last frame (a PING) left at most I before the stop: the server drops it in
+    // [stop + DEADLINE - I, stop + DEADLINE] plus the sweep and scheduling margin.
+    wait_metric(
+        &server,
+        "tether_sessions_expired_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let dropped = stopped.elapsed();
+    assert!(
+        dropped >= DEADLINE - Duration::from_millis(1000),
+        "dropped after {dropped:?}"
+    );
+    assert!(dropped <= DEADLINE + MARGIN, "dropped after {dropped:?}");
+    assert_eq!(
+        metric(&server, "tether_connections_open"),
+        0.0,
+        "presence gone"
+    );
+    for i in 0..3 {
+        common::cli_send(
+            &server,
+            "alice",
+            "cli",
+            &state,
+            "bob",
+            &format!("while away {i}"),
+        );
+    }
+    signal(recv.id(), "CONT");
+    let out = common::wait_output(recv, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = common::json_lines(&out);
+    let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(
+        texts,
+        ["while away 0", "while away 1", "while away 2"],
+        "once each, in order"
+    );
+}
+
+#[test]
+fn after_a_server_crash_clients_reconnect_resume_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("clients");
+    let data = dir.path().join("data");
+    let addr = common::free_addr().to_string();
+    let flags = ["--listen", addr.as_str()];
+    let server = ServerProc::start(&data, &flags);
+    let recv = spawn_recv(&server, "bob", &state, 20, &[]);
+    for i in 0..10 {
+        common::cli_send(&server, "alice", "cli", &state, "bob", &format!("m{i}"));
+    }
+    // Let the receiver see some of them, then crash the server.
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let server = ServerProc::start(&data, &flags);
+    for i in 10..20 {
+        common::cli_send(&server, "alice", "cli", &state, "bob", &format!("m{i}"));
+    }
+    let out = common::wait_output(recv, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = common::json_lines(&out);
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect();
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, want, "nothing lost, nothing twice, in order");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("disconnected"),
+        "the CLI said why it lost the link: {stderr}"
+    );
+}
