@@ -653,7 +653,8 @@ impl Driver {
                 self.cursor.acked()
             }
         };
-        self.backoff.reset();
+        // The backoff resets only if this session stays up (see Backoff::on_disconnected).
+        self.backoff.on_connected(now());
         self.max_frame = if w.max_frame > 0 {
             w.max_frame as usize
         } else {
@@ -883,6 +884,7 @@ impl Driver {
             // the server, failed).
             self.server_index = self.server_index.wrapping_add(1);
         }
+        self.backoff.on_disconnected(now());
         let retry_in = match ending.next {
             Next::Retry { floor } => {
                 let delay = self.backoff.next_delay(&mut self.rng).max(floor);

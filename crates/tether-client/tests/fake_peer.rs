@@ -651,3 +651,28 @@ async fn over_tcp_the_preamble_precedes_hello() {
     assert_eq!(info.inbox_epoch, 1);
     client.close().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_a_floor_for_the_next_attempt() {
+    let (cfg, mut listener) = config(None);
+    let client = Client::start(cfg).unwrap();
+    let mut peer = Peer::accept(&mut listener).await;
+    peer.hello().await;
+    let mut e = frame::error(ErrorCode::Overloaded, "busy", true);
+    if let Frame::Error(ref mut inner) = e {
+        inner.retry_after_ms = 3_000;
+    }
+    peer.send(e).await;
+    let refused = tokio::time::Instant::now();
+    // The backoff alone would retry within 5 ms (base) here; the floor holds it off.
+    let _again = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+        .await
+        .expect("no retry")
+        .expect("listener gone");
+    let waited = refused.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3_000) && waited <= Duration::from_millis(3_100),
+        "retried after {waited:?}"
+    );
+    client.close().await;
+}

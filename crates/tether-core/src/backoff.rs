@@ -2,8 +2,9 @@
 //!
 //! The n-th consecutive failure waits a uniformly random time in
 //! `[0, min(cap, base · 2^n)]` ("full jitter"), so a crowd of clients that lost the
-//! same server spreads out instead of stampeding it. A connection that reaches
-//! WELCOME resets the count.
+//! same server spreads out instead of stampeding it. A connection resets the count
+//! only once it has stayed up for [`STABLE_AFTER`]: a server that accepts and drops
+//! at once must not pull its clients back into a tight loop.
 
 use rand::Rng;
 use std::time::Duration;
@@ -12,6 +13,8 @@ use std::time::Duration;
 pub const DEFAULT_BASE: Duration = Duration::from_millis(200);
 /// Default largest ceiling.
 pub const DEFAULT_CAP: Duration = Duration::from_secs(30);
+/// A connection up this long counts as stable and resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Capped exponential backoff with full jitter.
 #[derive(Debug, Clone)]
@@ -19,6 +22,7 @@ pub struct Backoff {
     base: Duration,
     cap: Duration,
     failures: u32,
+    connected_at: Option<std::time::Instant>,
 }
 
 impl Backoff {
@@ -28,6 +32,7 @@ impl Backoff {
             base,
             cap,
             failures: 0,
+            connected_at: None,
         }
     }
 
@@ -48,6 +53,20 @@ impl Backoff {
     /// A connection succeeded: the next failure starts from `base` again.
     pub fn reset(&mut self) {
         self.failures = 0;
+    }
+
+    /// A session came up at `now` (WELCOME).
+    pub fn on_connected(&mut self, now: std::time::Instant) {
+        self.connected_at = Some(now);
+    }
+
+    /// The session ended at `now`: if it was up for [`STABLE_AFTER`], the count resets.
+    pub fn on_disconnected(&mut self, now: std::time::Instant) {
+        if let Some(at) = self.connected_at.take()
+            && now.saturating_duration_since(at) >= STABLE_AFTER
+        {
+            self.failures = 0;
+        }
     }
 }
 
@@ -74,6 +93,25 @@ mod tests {
                 assert!(probe.next_delay(&mut rng) <= ceiling);
             }
         }
+    }
+
+    #[test]
+    fn only_a_stable_connection_resets_the_backoff() {
+        let t0 = std::time::Instant::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        for _ in 0..4 {
+            b.next_delay(&mut rng);
+        }
+        assert_eq!(b.ceiling(), Duration::from_millis(1600));
+        // Up for a second, then dropped: still backing off.
+        b.on_connected(t0);
+        b.on_disconnected(t0 + Duration::from_secs(1));
+        assert_eq!(b.ceiling(), Duration::from_millis(1600));
+        // Up for STABLE_AFTER: back to the base.
+        b.on_connected(t0 + Duration::from_secs(2));
+        b.on_disconnected(t0 + Duration::from_secs(2) + STABLE_AFTER);
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
     }
 
     #[test]
