@@ -1,6 +1,7 @@
 //! Drain (DESIGN §4): on SIGTERM the server sends GOAWAY with a randomised reconnect
 //! delay over its drain window, flushes and exits; SDK clients come back to the
-//! restarted server spread over that window, not in one stampede. Real processes.
+//! restarted server spread over that window, not in one stampede, and messages sent
+//! across the drain arrive once each, in order. Real processes.
 
 mod common;
 
@@ -8,7 +9,9 @@ use common::{ServerProc, free_addr};
 use std::time::{Duration, Instant};
 use tether_client::{Client, ClientConfig, ClientEvent};
 
-const CLIENTS: usize = 40;
+const CLIENTS: usize = 200;
+/// Recipients of the traffic that flows across the drain.
+const RECIPIENTS: usize = 10;
 /// Long against the ~1.5 s it takes to restart the (debug) server here: clients whose
 /// delay ends before it is back bunch up when it returns.
 const WINDOW: Duration = Duration::from_millis(8000);
@@ -44,6 +47,34 @@ async fn drained_clients_come_back_spread_over_the_window() {
             }
         }
     }
+
+    // Traffic across the drain: a sender writes to u0..u9 round robin every 20 ms.
+    let sender = Client::start(ClientConfig::new(&addr, server.token("sender"), "s")).unwrap();
+    sender
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let handle = sender.handle();
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let traffic = tokio::spawn(async move {
+        let mut sent: Vec<Vec<String>> = vec![Vec::new(); RECIPIENTS];
+        let mut n = 0usize;
+        loop {
+            if stop_rx.try_recv().is_ok() {
+                return sent;
+            }
+            let to = n % RECIPIENTS;
+            let text = format!("m{n}");
+            handle
+                .send(&format!("u{to}"), text.clone().into())
+                .await
+                .expect("send confirmed eventually");
+            sent[to].push(text);
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // One watcher per client, so each reconnect is timed when it happens.
     let t0 = Instant::now();
@@ -106,5 +137,25 @@ async fn drained_clients_come_back_spread_over_the_window() {
         histogram.iter().all(|&n| n <= CLIENTS / 2),
         "no stampede into one second: {histogram:?}"
     );
+    // Stop the traffic; every message reaches its recipient once, in order.
+    let _ = stop_tx.send(());
+    let sent = traffic.await.unwrap();
+    let total: usize = sent.iter().map(Vec::len).sum();
+    assert!(total > 100, "traffic flowed across the drain: {total}");
+    for (i, want) in sent.iter().enumerate() {
+        let client = &mut clients[i].0;
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let entry = tokio::time::timeout(Duration::from_secs(10), client.recv())
+                .await
+                .unwrap_or_else(|_| panic!("u{i} got {} of {}", got.len(), want.len()))
+                .unwrap();
+            client.ack(entry.seq);
+            got.push(String::from_utf8_lossy(&entry.body).into_owned());
+        }
+        assert_eq!(&got, want, "u{i}: once each, in order");
+        let extra = tokio::time::timeout(Duration::from_millis(200), client.recv()).await;
+        assert!(extra.is_err(), "u{i}: nothing twice");
+    }
     drop(server);
 }
