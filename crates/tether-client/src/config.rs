@@ -87,6 +87,7 @@ impl ClientConfig {
                 keepalive_idle: Some(
                     heartbeat_interval + pong_timeout * MAX_MISSES + Duration::from_secs(60),
                 ),
+                user_timeout: Some(Duration::from_secs(60)),
             }),
         }
     }

@@ -32,6 +32,9 @@ pub struct TcpConnector {
     /// Kernel keepalive idle time: a backstop only, set longer than the heartbeat's
     /// dead-link time so it never does the heartbeat's job (DESIGN §4). `None` = off.
     pub keepalive_idle: Option<Duration>,
+    /// TCP_USER_TIMEOUT: the kernel aborts the connection when sent data stays
+    /// unacknowledged this long. `None` = the kernel's default.
+    pub user_timeout: Option<Duration>,
 }
 
 impl Connector for TcpConnector {
@@ -41,6 +44,12 @@ impl Connector for TcpConnector {
             for addr in tokio::net::lookup_host(server).await? {
                 match TcpTransport::connect(addr, DEFAULT_MAX_FRAME).await {
                     Ok(transport) => {
+                        if let Some(timeout) = self.user_timeout {
+                            let socket = socket2::SockRef::from(transport.stream());
+                            if let Err(e) = socket.set_tcp_user_timeout(Some(timeout)) {
+                                tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+                            }
+                        }
                         if let Some(idle) = self.keepalive_idle {
                             let keepalive = socket2::TcpKeepalive::new()
                                 .with_time(idle)
