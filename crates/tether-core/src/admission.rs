@@ -44,6 +44,14 @@ impl TokenBucket {
         Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
     }
 
+    /// Takes up to `want` tokens at `now`; returns how many it took (0 if none is left).
+    pub fn take_up_to(&mut self, now: Instant, want: u64) -> u64 {
+        self.refill(now);
+        let took = (self.tokens.floor() as u64).min(want);
+        self.tokens -= took as f64;
+        took
+    }
+
     /// Tokens available at `now` (for metrics and tests).
     pub fn available(&mut self, now: Instant) -> f64 {
         self.refill(now);
@@ -78,6 +86,16 @@ mod tests {
         assert!(b.try_take(t1).is_ok());
         assert!(b.try_take(t1).is_err());
         assert!((b.available(t0 + Duration::from_secs(60)) - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn take_up_to_takes_what_is_there_and_no_more() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, 100.0, 50);
+        assert_eq!(b.take_up_to(t0, 30), 30);
+        assert_eq!(b.take_up_to(t0, 30), 20);
+        assert_eq!(b.take_up_to(t0, 30), 0);
+        assert_eq!(b.take_up_to(t0 + Duration::from_millis(100), 30), 10);
     }
 
     #[test]

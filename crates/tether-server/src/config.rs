@@ -122,6 +122,12 @@ pub struct ServerConfig {
     pub drain_window: Duration,
     /// On drain, the address clients should use instead, if any.
     pub drain_to: Option<String>,
+    /// Backlog entries replayed per second across all connections (entries more than
+    /// [`ServerConfig::credit_window`] behind the head); live entries are never paced,
+    /// so a reconnect storm's replays cannot starve live traffic.
+    pub replay_rate: f64,
+    /// Backlog entries replayed at once before the rate applies.
+    pub replay_burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +152,8 @@ impl Default for ServerConfig {
             login_burst: 500,
             drain_window: Duration::from_secs(10),
             drain_to: None,
+            replay_rate: 200_000.0,
+            replay_burst: 20_000,
         }
     }
 }

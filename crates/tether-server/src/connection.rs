@@ -592,7 +592,17 @@ impl<T: Transport> Conn<T> {
             if in_flight >= window || self.t.queued_bytes() >= OUT_HIGH_WATER {
                 break;
             }
-            let room = (window - in_flight).min(READ_BATCH);
+            let mut room = (window - in_flight).min(READ_BATCH);
+            // Far behind the head means replaying a backlog: paced across all
+            // connections, so a reconnect storm cannot starve live traffic.
+            if self.head - self.next >= window {
+                let granted = self.shared.replays.lock().take_up_to(Instant::now(), room);
+                if granted == 0 {
+                    self.session.wait_for_replay();
+                    break;
+                }
+                room = granted;
+            }
             let to = self.head.min(self.next + room - 1);
             let entries =
                 self.shared

@@ -79,6 +79,8 @@ pub struct Shared {
     pub clock: std::time::Instant,
     /// Admission control for logins.
     pub logins: parking_lot::Mutex<tether_core::admission::TokenBucket>,
+    /// Pacing of backlog replays (entries per second across all connections).
+    pub replays: parking_lot::Mutex<tether_core::admission::TokenBucket>,
     sweeper: std::sync::atomic::AtomicBool,
 }
 
@@ -138,6 +140,11 @@ impl Server {
             config.login_rate,
             config.login_burst,
         ));
+        let replays = parking_lot::Mutex::new(tether_core::admission::TokenBucket::new(
+            std::time::Instant::now(),
+            config.replay_rate,
+            config.replay_burst,
+        ));
         let registry = Arc::new(Registry::default());
         let metrics = Arc::new(Metrics::default());
         let commit = CommitPath::start(
@@ -162,6 +169,7 @@ impl Server {
                 boot_id: rand::random(),
                 clock: std::time::Instant::now(),
                 logins,
+                replays,
                 sweeper: Default::default(),
             }),
         })

@@ -407,3 +407,42 @@ async fn connection_future_stays_small() {
         "the per-connection future grew to {size} bytes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_replays_are_paced_while_live_messages_go_straight_through() {
+    let f = fixture(|c| {
+        c.replay_rate = 2000.0;
+        c.replay_burst = 500;
+        c.deadline_sweep = Duration::from_millis(50);
+    });
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    for chunk in 0..6u32 {
+        send_all(&mut alice, "bob", chunk * 500..chunk * 500 + 500).await;
+    }
+    let (mut carol, _) = f.login("carol", "phone").await;
+    let (mut bob, _) = f.login("bob", "phone").await;
+    let replay = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let got = deliveries(&mut bob, 3000).await;
+        (started.elapsed(), got.last().unwrap().seq)
+    });
+    // A live message while bob's replay is paced: carol gets it at once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = std::time::Instant::now();
+    send_all(&mut alice, "carol", 9000..9001).await;
+    deliveries(&mut carol, 1).await;
+    let live = sent.elapsed();
+    let (took, last) = replay.await.unwrap();
+    assert_eq!(last, 3000);
+    assert!(
+        live < Duration::from_millis(500),
+        "live message took {live:?}"
+    );
+    // 3,000 entries, the last 256 (one credit window) unpaced, 500 of burst, then
+    // 2,000/s: at least ~1.1 s; at most that plus sweeps and slack.
+    assert!(
+        took >= Duration::from_millis(1000),
+        "replay took {took:?}: not paced"
+    );
+    assert!(took <= Duration::from_millis(3500), "replay took {took:?}");
+}

@@ -240,6 +240,8 @@ impl BenchServer {
             // Benchmarks log in thousands of clients at once on purpose.
             login_rate: 1e9,
             login_burst: u32::MAX,
+            replay_rate: 1e9,
+            replay_burst: u32::MAX,
             ..ServerConfig::default()
         };
         let server = Server::open(config).map_err(|e| e.to_string())?;
