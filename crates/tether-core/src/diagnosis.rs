@@ -44,7 +44,10 @@ pub fn classify(snapshot: Option<TcpSnapshot>) -> Diagnosis {
 mod tests {
     use super::*;
 
-    // Values recorded with `ss -ti` / getsockopt on this machine's kernel.
+    // Shapes of real TCP_INFO readings: a SIGSTOPped server on loopback reads
+    // unacked 0 (its kernel ACKs our PINGs; the stalled-server e2e test gets this
+    // verdict from a live socket); a blackholed path reads unacked > 0 with the RTO
+    // retransmitting (the real network-dead case is recorded in the NAT lab, issue 4).
 
     #[test]
     fn everything_acked_but_no_pong_is_a_stalled_server() {

@@ -64,6 +64,9 @@ enum Close {
     Expired {
         /// How long the session was silent, ms.
         silent_ms: u64,
+        /// What TCP_INFO says about the path (seen from the server, "server
+        /// unresponsive" means the *client* application is stuck).
+        diagnosis: tether_core::diagnosis::Diagnosis,
     },
 }
 
@@ -77,10 +80,22 @@ impl std::fmt::Display for Close {
             Close::Replaced => f.write_str("replaced by a newer login of the device"),
             Close::Shutdown => f.write_str("server shutdown"),
             Close::PeerError(why) => write!(f, "peer sent fatal ERROR: {why}"),
-            Close::Expired { silent_ms } => {
+            Close::Expired {
+                silent_ms,
+                diagnosis,
+            } => {
+                let why = match diagnosis {
+                    tether_core::diagnosis::Diagnosis::ServerUnresponsive => {
+                        "the client's kernel ACKs but its application is silent"
+                    }
+                    tether_core::diagnosis::Diagnosis::NetworkDead => {
+                        "our bytes are unacknowledged and retransmitted: the path is dead"
+                    }
+                    tether_core::diagnosis::Diagnosis::Unknown => "no TCP_INFO verdict",
+                };
                 write!(
                     f,
-                    "liveness deadline passed: nothing received for {silent_ms} ms"
+                    "liveness deadline passed: nothing received for {silent_ms} ms ({why})"
                 )
             }
             Close::Overloaded { retry_after } => {
@@ -165,14 +180,8 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
         Login::Admitted(conn) => {
             let close = conn.run().await;
             shared.registry.unregister(&conn.session);
-            info!(
-                user = &*conn.session.user,
-                device = &*conn.session.device,
-                transport = conn.t.kind().as_str(),
-                peer = %conn.t.peer(),
-                reason = %close,
-                "session closed"
-            );
+            conn.span()
+                .in_scope(|| info!(reason = %close, "session closed"));
             close
         }
         Login::Refused(t, close) => {
@@ -256,7 +265,7 @@ async fn finish<T: Transport>(shared: &Shared, t: &mut T, close: Close) {
             }
             Some(e)
         }
-        Close::Expired { silent_ms } => {
+        Close::Expired { silent_ms, .. } => {
             shared.metrics.sessions_expired.inc();
             Some(frame::error(
                 ErrorCode::IdleTimeout,
@@ -555,16 +564,29 @@ impl<T: Transport> Conn<T> {
         }))?;
         self.t.set_max_frame(cfg.max_frame);
         self.extend_deadline();
-        info!(
+        shared.deadlines.schedule(&self.session);
+        self.span().in_scope(|| {
+            info!(
+                device_epoch = self.session.device_epoch,
+                start_seq = a.start,
+                head = a.info.head,
+                "session opened"
+            )
+        });
+        Ok(())
+    }
+
+    /// The connection's tracing span (user, device, transport, peer). Built when there
+    /// is something to log rather than held: a span kept open costs every idle session
+    /// memory in the subscriber (DESIGN §10).
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "conn",
             user = &*self.session.user,
             device = &*self.session.device,
-            device_epoch = self.session.device_epoch,
             transport = self.t.kind().as_str(),
-            start_seq = a.start,
-            head = a.info.head,
-            "session opened"
-        );
-        Ok(())
+            peer = %self.t.peer(),
+        )
     }
 
     /// `I + m·P + grace` for this session, ms.
@@ -598,7 +620,7 @@ impl<T: Transport> Conn<T> {
             if self.head - self.next >= window {
                 let granted = self.shared.replays.lock().take_up_to(Instant::now(), room);
                 if granted == 0 {
-                    self.session.wait_for_replay();
+                    self.shared.deadlines.wake_later(&self.session);
                     break;
                 }
                 room = granted;
@@ -656,6 +678,7 @@ impl<T: Transport> Conn<T> {
                 let allowed = self.deadline_ms();
                 return Err(Close::Expired {
                     silent_ms: now - deadline + allowed,
+                    diagnosis: tether_core::diagnosis::classify(self.t.tcp_snapshot()),
                 });
             }
         }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod commit;
 pub mod config;
 pub mod connection;
+pub mod deadlines;
 pub mod metrics;
 pub mod registry;
 
@@ -79,6 +80,8 @@ pub struct Shared {
     pub clock: std::time::Instant,
     /// Admission control for logins.
     pub logins: parking_lot::Mutex<tether_core::admission::TokenBucket>,
+    /// Every session's liveness deadline, and replays waiting for budget.
+    pub deadlines: deadlines::DeadlineWheel,
     /// Pacing of backlog replays (entries per second across all connections).
     pub replays: parking_lot::Mutex<tether_core::admission::TokenBucket>,
     sweeper: std::sync::atomic::AtomicBool,
@@ -104,7 +107,7 @@ impl Shared {
             loop {
                 tick.tick().await;
                 let Some(shared) = weak.upgrade() else { return };
-                shared.registry.signal_expired(shared.now_ms());
+                shared.deadlines.advance(shared.now_ms());
             }
         });
     }
@@ -140,6 +143,7 @@ impl Server {
             config.login_rate,
             config.login_burst,
         ));
+        let deadlines = deadlines::DeadlineWheel::new(config.deadline_sweep, 0);
         let replays = parking_lot::Mutex::new(tether_core::admission::TokenBucket::new(
             std::time::Instant::now(),
             config.replay_rate,
@@ -170,6 +174,7 @@ impl Server {
                 clock: std::time::Instant::now(),
                 logins,
                 replays,
+                deadlines,
                 sweeper: Default::default(),
             }),
         })

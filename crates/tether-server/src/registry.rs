@@ -39,8 +39,6 @@ pub struct Session {
     head: AtomicU64,
     /// Liveness deadline, ms on the server's clock (0 = none yet).
     deadline_ms: AtomicU64,
-    /// Its replay waits for the replay budget; the sweep wakes it.
-    replay_waiting: std::sync::atomic::AtomicBool,
     signals: AtomicU8,
     waker: AtomicWaker,
     replies: Mutex<VecDeque<Frame>>,
@@ -55,7 +53,6 @@ impl Session {
             device_epoch,
             head: AtomicU64::new(0),
             deadline_ms: AtomicU64::new(0),
-            replay_waiting: std::sync::atomic::AtomicBool::new(false),
             signals: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             replies: Mutex::new(VecDeque::new()),
@@ -82,11 +79,6 @@ impl Session {
     /// The liveness deadline (ms on the server's clock; 0 = none).
     pub fn deadline(&self) -> u64 {
         self.deadline_ms.load(Ordering::Relaxed)
-    }
-
-    /// Marks the session as waiting for replay budget.
-    pub fn wait_for_replay(&self) {
-        self.replay_waiting.store(true, Ordering::Release);
     }
 
     /// The newest head notified.
@@ -215,29 +207,6 @@ impl Registry {
                 s.notify_head(head);
             }
         }
-    }
-
-    /// Signals every session whose deadline is at or before `now_ms` (returns how many),
-    /// and wakes sessions whose replay waits for budget.
-    /// One pass over the registry instead of a timer per session (DESIGN §10).
-    pub fn signal_expired(&self, now_ms: u64) -> usize {
-        let mut n = 0;
-        for shard in self.shards.iter() {
-            for devices in shard.lock().values() {
-                for s in devices {
-                    let at = s.deadline();
-                    if at != 0 && at <= now_ms {
-                        s.signal(SIG_DEADLINE);
-                        n += 1;
-                    }
-                    // Replays waiting for budget try again on every sweep.
-                    if s.replay_waiting.swap(false, Ordering::AcqRel) {
-                        s.signal(SIG_HEAD);
-                    }
-                }
-            }
-        }
-        n
     }
 
     /// Signals every session (e.g. shutdown).

@@ -600,6 +600,12 @@ async fn memory(sessions: usize) -> BenchResult {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let total = rss_bytes()?.saturating_sub(before);
     let registered = srv.shared().registry.len();
+    // The deadline wheel's cost: advance it past every session's deadline (each is
+    // visited about once per deadline period; this is the whole period at once).
+    let shared = srv.shared();
+    let wheel_started = Instant::now();
+    let signalled = shared.deadlines.advance(shared.now_ms() + 120_000);
+    let wheel_ns = wheel_started.elapsed().as_nanos() as f64;
     let per_session_total = total as f64 / sessions as f64;
     let per_pipe = pipes_bytes as f64 / sessions as f64;
     drop(pipes);
@@ -613,6 +619,8 @@ async fn memory(sessions: usize) -> BenchResult {
         "bytes_per_session_including_pipe_and_client_end": per_session_total.round(),
         "bytes_per_pipe_and_client_end": per_pipe.round(),
         "server_bytes_per_session": (per_session_total - per_pipe).round(),
+        "deadline_wheel_ns_per_session_per_deadline_period": (wheel_ns / signalled.max(1) as f64 * 10.0).round() / 10.0,
+        "deadline_wheel_signalled": signalled,
         "method": "RSS delta over N logged-in idle in-memory sessions, minus the RSS delta of N bare pipes (the simulated wire + client end, measured separately in the same process)",
     }))
 }
