@@ -32,7 +32,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 group "build (tests, debug)"          cargo test --workspace --no-run --quiet
 group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
 group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
-group "server (memory + TCP, bad input, power cut)" cargo test -p tether-server --test '*' --quiet
+group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether-server --test '*' --quiet -- --test-threads=1
 group "end to end (CLI, processes; serial)" cargo test -p tether --test '*' --quiet -- --test-threads=1
 
 echo
