@@ -231,7 +231,7 @@ fn a_client_killed_before_its_send_ack_resends_from_its_state_file() {
     let server = ServerProc::start(&data, &[]);
     let pid = server.pid();
     // Freeze the server: the send reaches its socket but is never committed.
-    signal(pid, "STOP");
+    common::signal(pid, "STOP");
     let mut args: Vec<String> = vec!["send".into(), "--to".into(), "bob".into()];
     args.extend(common::cli_auth(&server, "alice", "cli", &state));
     args.push("written before the crash".into());
@@ -255,7 +255,7 @@ fn a_client_killed_before_its_send_ack_resends_from_its_state_file() {
     assert!(!out.status.success());
     assert!(json_lines(&out).is_empty(), "no SEND_ACK was printed");
     // The server dies without ever committing it.
-    signal(pid, "CONT");
+    common::signal(pid, "CONT");
     server.kill9();
 
     let server = ServerProc::start(&data, &[]);
@@ -319,16 +319,6 @@ fn a_device_replaying_10000_while_new_messages_arrive_sees_one_gap_free_sequence
     assert_gap_free(&lines, 1);
     let want: Vec<String> = (0..12_000).map(|i| format!("m{i}")).collect();
     assert_eq!(texts(&lines), want);
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {

@@ -110,17 +110,6 @@ fn a_session_that_pings_stays_and_a_longer_interval_moves_the_deadline() {
     );
 }
 
-fn signal(pid: u32, sig: &str) {
-    assert!(
-        std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 fn spawn_recv(
     server: &ServerProc,
     user: &str,
@@ -176,7 +165,7 @@ fn a_silent_client_is_dropped_in_bounds_and_gets_what_was_sent_meanwhile_once() 
     );
     std::thread::sleep(Duration::from_millis(300));
     let stopped = Instant::now();
-    signal(recv.id(), "STOP");
+    common::signal(recv.id(), "STOP");
     // Its last frame (a PING) left at most I before the stop: the server drops it in
     // [stop + DEADLINE - I, stop + DEADLINE] plus the sweep and scheduling margin.
     wait_metric(
@@ -206,7 +195,7 @@ fn a_silent_client_is_dropped_in_bounds_and_gets_what_was_sent_meanwhile_once() 
             &format!("while away {i}"),
         );
     }
-    signal(recv.id(), "CONT");
+    common::signal(recv.id(), "CONT");
     let out = common::wait_output(recv, Duration::from_secs(60));
     assert!(
         out.status.success(),

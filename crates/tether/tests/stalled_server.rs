@@ -13,16 +13,6 @@ const I: Duration = Duration::from_millis(1000);
 const DEAD_AFTER: Duration = Duration::from_millis(2000);
 const MARGIN: Duration = Duration::from_millis(1000);
 
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_server_is_diagnosed_and_the_client_fails_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +45,7 @@ async fn a_stalled_server_is_diagnosed_and_the_client_fails_over() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     while events.try_recv().is_ok() {}
     let stopped = Instant::now();
-    signal(a.pid(), "STOP");
+    common::signal(a.pid(), "STOP");
 
     let (diagnosed_after, reason) = loop {
         match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
@@ -88,7 +78,7 @@ async fn a_stalled_server_is_diagnosed_and_the_client_fails_over() {
         "failed over to the next server"
     );
 
-    signal(a.pid(), "CONT");
+    common::signal(a.pid(), "CONT");
     let token = a.token("frank");
     let addr = a.addr;
     let welcome = tokio::task::spawn_blocking(move || RawClient::login(addr, &token, "d", 1).1)

@@ -113,7 +113,7 @@ impl ServerProc {
 
     /// SIGTERM and wait for exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        unsafe_kill(self.pid(), "TERM");
+        signal(self.pid(), "TERM");
         self.child.wait().expect("wait")
     }
 
@@ -141,11 +141,15 @@ impl Drop for ServerProc {
     }
 }
 
-fn unsafe_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
+/// Sends `sig` (STOP, CONT, TERM, ...) to a process; panics if `kill` fails.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
         .arg(pid.to_string())
-        .status();
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
 }
 
 /// A loopback address with a port free right now (for a server that must restart on
