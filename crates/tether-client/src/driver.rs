@@ -183,6 +183,8 @@ pub(crate) struct Driver {
     backoff: Backoff,
     rng: StdRng,
     server_index: usize,
+    /// The heartbeat interval the last HELLO asked for.
+    hello_interval: Duration,
     /// GOAWAY's alternate address, used for the next attempt only.
     alternate: Option<String>,
     link: Link,
@@ -226,6 +228,7 @@ impl Driver {
             persist_by: None,
             rng: StdRng::from_os_rng(),
             server_index: 0,
+            hello_interval: Duration::ZERO,
             alternate: None,
             link: Link::Down { retry_at: now() },
             pending: VecDeque::new(),
@@ -543,7 +546,10 @@ impl Driver {
                 HeartbeatMode::Idle => pb::HeartbeatMode::Idle,
                 HeartbeatMode::Fixed => pb::HeartbeatMode::Fixed,
             } as i32,
-            heartbeat_interval_ms: duration_ms_u32(self.config.heartbeat_interval),
+            heartbeat_interval_ms: {
+                self.hello_interval = self.config.heartbeat_interval;
+                duration_ms_u32(self.config.heartbeat_interval)
+            },
             resume,
             probe: false,
         };
@@ -705,6 +711,13 @@ impl Driver {
             info: info.clone(),
             acked_sent,
         }));
+        // The app switched profiles while this connection was being made: apply it now.
+        if self.config.heartbeat_interval != self.hello_interval
+            && let Link::Up(conn) = &mut self.link
+        {
+            conn.heartbeat
+                .set_interval(now(), self.config.heartbeat_interval);
+        }
         self.ch
             .status
             .send_replace(ConnState::Connected(info.clone()));

@@ -21,7 +21,12 @@ impl TokenBucket {
     pub fn new(now: Instant, rate_per_sec: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
-            rate: rate_per_sec.max(f64::MIN_POSITIVE),
+            // Not finite or not positive: a bucket that never refills (no panic, no NaN).
+            rate: if rate_per_sec.is_finite() && rate_per_sec > 0.0 {
+                rate_per_sec
+            } else {
+                f64::MIN_POSITIVE
+            },
             burst,
             tokens: burst,
             last: now,
@@ -41,7 +46,7 @@ impl TokenBucket {
             self.tokens -= 1.0;
             return Ok(());
         }
-        Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        Err(Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX))
     }
 
     /// Takes up to `want` tokens at `now`; returns how many it took (0 if none is left).
@@ -96,6 +101,19 @@ mod tests {
         assert_eq!(b.take_up_to(t0, 30), 20);
         assert_eq!(b.take_up_to(t0, 30), 0);
         assert_eq!(b.take_up_to(t0 + Duration::from_millis(100), 30), 10);
+    }
+
+    #[test]
+    fn a_zero_or_nan_rate_never_refills_and_never_panics() {
+        let t0 = Instant::now();
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut b = TokenBucket::new(t0, rate, 1);
+            assert!(b.try_take(t0).is_ok());
+            assert!(
+                b.try_take(t0 + Duration::from_secs(3600)).is_err(),
+                "{rate}"
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,21 @@ pub fn classify(snapshot: Option<TcpSnapshot>) -> Diagnosis {
     }
 }
 
+/// The server's verdict on a client that stayed silent for `silent_ms`. An idle server
+/// has usually sent nothing, so "nothing unacknowledged" proves little: the client is
+/// called unresponsive only if its kernel ACKed something within the silence.
+pub fn classify_silent_peer(snapshot: Option<TcpSnapshot>, silent_ms: u64) -> Diagnosis {
+    match snapshot {
+        Some(s) if s.unacked == 0 && u64::from(s.last_ack_recv_ms) < silent_ms => {
+            Diagnosis::ServerUnresponsive
+        }
+        Some(s) if s.unacked > 0 && (s.retransmits > 0 || s.total_retrans > 0) => {
+            Diagnosis::NetworkDead
+        }
+        _ => Diagnosis::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +97,28 @@ mod tests {
             last_ack_recv_ms: 30,
         };
         assert_eq!(classify(Some(s)), Diagnosis::Unknown);
+    }
+
+    #[test]
+    fn the_server_calls_a_quiet_client_unresponsive_only_if_its_kernel_acked_lately() {
+        let quiet = TcpSnapshot {
+            unacked: 0,
+            retransmits: 0,
+            total_retrans: 0,
+            last_ack_recv_ms: 46_000,
+        };
+        assert_eq!(
+            classify_silent_peer(Some(quiet), 45_000),
+            Diagnosis::Unknown
+        );
+        let acked = TcpSnapshot {
+            last_ack_recv_ms: 2_000,
+            ..quiet
+        };
+        assert_eq!(
+            classify_silent_peer(Some(acked), 45_000),
+            Diagnosis::ServerUnresponsive
+        );
     }
 
     #[test]

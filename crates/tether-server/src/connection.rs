@@ -338,6 +338,9 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
             format!("protocol version {} is not supported (1 is)", hello.version),
         ));
     }
+    if shared.draining.load(Ordering::Acquire) {
+        return Err(Close::GoingAway);
+    }
     // Admission control first: the cheapest refusal, before any crypto or store work.
     if let Err(retry_after) = shared.logins.lock().try_take(Instant::now()) {
         return Err(Close::Overloaded { retry_after });
@@ -675,10 +678,22 @@ impl<T: Transport> Conn<T> {
             let now = self.shared.now_ms();
             let deadline = self.session.deadline();
             if deadline != 0 && deadline <= now {
+                // We may have stopped reading (backpressure) while the peer kept
+                // talking: look once before declaring it silent. (The noop waker is
+                // replaced by the task's own at the next regular poll.)
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                if let Poll::Ready(Ok(Some(raw))) = self.t.poll_recv(&mut cx) {
+                    self.extend_deadline();
+                    return self.on_frame(raw);
+                }
                 let allowed = self.deadline_ms();
+                let silent_ms = now - deadline + allowed;
                 return Err(Close::Expired {
-                    silent_ms: now - deadline + allowed,
-                    diagnosis: tether_core::diagnosis::classify(self.t.tcp_snapshot()),
+                    silent_ms,
+                    diagnosis: tether_core::diagnosis::classify_silent_peer(
+                        self.t.tcp_snapshot(),
+                        silent_ms,
+                    ),
                 });
             }
         }
@@ -744,8 +759,13 @@ impl<T: Transport> Conn<T> {
                 .heartbeat
                 .accept(ping.next_interval_ms)
                 .as_millis() as u32;
+            let shorter = accepted < self.interval_ms;
             self.interval_ms = accepted;
             self.extend_deadline();
+            if shorter {
+                // Filed under the old, later deadline: file again under the new one.
+                self.shared.deadlines.schedule(&self.session);
+            }
             accepted
         } else {
             0

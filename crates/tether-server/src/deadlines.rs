@@ -40,8 +40,9 @@ impl DeadlineWheel {
 
     /// Files `session` under its current deadline (call once it has one).
     pub fn schedule(&self, session: &Arc<Session>) {
-        let done = *self.done.lock();
-        self.file(Arc::downgrade(session), session.deadline(), done);
+        // Under the lock, so `advance` cannot pass the slot while we file into it.
+        let done = self.done.lock();
+        self.file(Arc::downgrade(session), session.deadline(), *done);
     }
 
     fn file(&self, session: Weak<Session>, deadline_ms: u64, after: u64) {
@@ -53,13 +54,16 @@ impl DeadlineWheel {
     /// Remembers a session whose replay waits for budget; [`DeadlineWheel::advance`]
     /// wakes it.
     pub fn wake_later(&self, session: &Arc<Session>) {
-        self.replay_waiters.lock().push(Arc::downgrade(session));
+        if session.mark_replay_waiting() {
+            self.replay_waiters.lock().push(Arc::downgrade(session));
+        }
     }
 
     /// Processes every slot up to `now_ms`; returns how many sessions were signalled.
     pub fn advance(&self, now_ms: u64) -> usize {
         for s in std::mem::take(&mut *self.replay_waiters.lock()) {
             if let Some(s) = s.upgrade() {
+                s.clear_replay_waiting();
                 s.signal(SIG_HEAD);
             }
         }

@@ -80,6 +80,8 @@ pub struct Shared {
     pub clock: std::time::Instant,
     /// Admission control for logins.
     pub logins: parking_lot::Mutex<tether_core::admission::TokenBucket>,
+    /// Set when the server drains: new logins are answered GOAWAY.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Every session's liveness deadline, and replays waiting for budget.
     pub deadlines: deadlines::DeadlineWheel,
     /// Pacing of backlog replays (entries per second across all connections).
@@ -175,6 +177,7 @@ impl Server {
                 logins,
                 replays,
                 deadlines,
+                draining: Default::default(),
                 sweeper: Default::default(),
             }),
         })
@@ -274,10 +277,11 @@ impl RunningServer {
         let shared = self.server.shared.clone();
         let sessions = shared.registry.len();
         info!(sessions, window = ?shared.config.drain_window, "draining: sending GOAWAY");
+        shared.draining.store(true, Ordering::Release);
         shared.registry.signal_all(SIG_GOAWAY);
         // Wait until every connection has written its GOAWAY and closed (the gauge drops
-        // only after that), at most 2 s.
-        for _ in 0..200 {
+        // only after that): at most the close-flush time (2 s) plus a margin.
+        for _ in 0..300 {
             if shared.metrics.connections_open.get() <= 0 {
                 break;
             }

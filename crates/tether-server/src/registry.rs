@@ -39,6 +39,8 @@ pub struct Session {
     head: AtomicU64,
     /// Liveness deadline, ms on the server's clock (0 = none yet).
     deadline_ms: AtomicU64,
+    /// Queued once for replay budget (see `DeadlineWheel::wake_later`).
+    replay_waiting: std::sync::atomic::AtomicBool,
     signals: AtomicU8,
     waker: AtomicWaker,
     replies: Mutex<VecDeque<Frame>>,
@@ -53,6 +55,7 @@ impl Session {
             device_epoch,
             head: AtomicU64::new(0),
             deadline_ms: AtomicU64::new(0),
+            replay_waiting: std::sync::atomic::AtomicBool::new(false),
             signals: AtomicU8::new(0),
             waker: AtomicWaker::new(),
             replies: Mutex::new(VecDeque::new()),
@@ -79,6 +82,16 @@ impl Session {
     /// The liveness deadline (ms on the server's clock; 0 = none).
     pub fn deadline(&self) -> u64 {
         self.deadline_ms.load(Ordering::Relaxed)
+    }
+
+    /// Marks the session as waiting for replay budget; false if it already was.
+    pub fn mark_replay_waiting(&self) -> bool {
+        !self.replay_waiting.swap(true, Ordering::AcqRel)
+    }
+
+    /// Clears the replay-waiting mark (it is being woken).
+    pub fn clear_replay_waiting(&self) {
+        self.replay_waiting.store(false, Ordering::Release);
     }
 
     /// The newest head notified.

@@ -446,3 +446,72 @@ async fn backlog_replays_are_paced_while_live_messages_go_straight_through() {
     );
     assert!(took <= Duration::from_millis(3500), "replay took {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_talks_while_the_server_is_backpressured_is_not_expired() {
+    let f = fixture(|c| {
+        c.heartbeat.min_interval = Duration::from_millis(500);
+        c.heartbeat.pong_timeout = Duration::from_millis(250);
+        c.heartbeat.max_misses = 1;
+        c.heartbeat.grace = Duration::from_millis(100);
+        c.deadline_sweep = Duration::from_millis(50);
+    });
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    for chunk in 0..4u32 {
+        let mut frames = Vec::new();
+        for i in chunk * 64..chunk * 64 + 64 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            frames.push(Frame::Send(pb::Send {
+                client_msg_id: Bytes::copy_from_slice(&id),
+                target: Some(pb::send::Target::User("bob".into())),
+                body: Bytes::from(vec![b'q'; 4096]),
+                content_type: String::new(),
+            }));
+        }
+        for fr in &frames {
+            alice.send(fr).unwrap();
+        }
+        flush(&mut alice).await.unwrap();
+        let mut acks = 0;
+        while acks < 64 {
+            if let Some(Frame::SendAck(_)) = next(&mut alice).await {
+                acks += 1;
+            }
+        }
+    }
+    // bob asks for I = 1 s (deadline 1.35 s), then only PINGs for 3 s without reading:
+    // the server's send side is full, so it has stopped reading bob.
+    let mut bob = f.server.connect_memory();
+    bob.send(&Frame::Hello(pb::Hello {
+        version: 1,
+        token: f.token("bob"),
+        device_id: "phone".into(),
+        device_epoch: 1,
+        heartbeat_interval_ms: 1000,
+        ..Default::default()
+    }))
+    .unwrap();
+    flush(&mut bob).await.unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bob.send(&Frame::Ping(pb::Ping::default())).unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(10), flush(&mut bob)).await;
+    }
+    // Now bob reads: everything arrives, and no IDLE_TIMEOUT.
+    let mut delivered = 0;
+    while delivered < 256 {
+        match next(&mut bob).await.expect("closed") {
+            Frame::Deliver(d) => {
+                delivered += 1;
+                bob.send(&Frame::Ack(pb::Ack {
+                    seq: d.entry.unwrap().seq,
+                }))
+                .unwrap();
+                let _ = tokio::time::timeout(Duration::from_millis(10), flush(&mut bob)).await;
+            }
+            Frame::Error(e) => panic!("expired while talking: {e:?}"),
+            _ => {}
+        }
+    }
+}
