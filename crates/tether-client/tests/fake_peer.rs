@@ -125,6 +125,7 @@ fn welcome(inbox_epoch: u64, start_seq: u64) -> Frame {
         dedup_window_ms: 86_400_000,
         max_frame: 0,
         head: start_seq.saturating_sub(1),
+        probe: false,
     })
 }
 

@@ -193,7 +193,7 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
             }
         }
         Frame::Welcome(w) => {
-            if w.inbox_epoch == 0 {
+            if w.inbox_epoch == 0 && !w.probe {
                 return missing("inbox_epoch");
             }
         }

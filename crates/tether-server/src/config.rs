@@ -128,6 +128,8 @@ pub struct ServerConfig {
     pub replay_rate: f64,
     /// Backlog entries replayed at once before the rate applies.
     pub replay_burst: u32,
+    /// Probe sessions (side connections testing a heartbeat interval).
+    pub probes: crate::probe::ProbeLimits,
 }
 
 impl Default for ServerConfig {
@@ -154,6 +156,7 @@ impl Default for ServerConfig {
             drain_to: None,
             replay_rate: 200_000.0,
             replay_burst: 20_000,
+            probes: Default::default(),
         }
     }
 }

@@ -27,7 +27,7 @@ use tether_store::{
     AppendRequest, DeviceCursor, EntryKind, InboxInfo, InboxTarget, StoreError, StoredEntry,
 };
 use tether_transport::{Transport, TransportError};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Stop reading and streaming while this many bytes wait for the socket.
 const OUT_HIGH_WATER: usize = 64 * 1024;
@@ -42,7 +42,7 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
 /// Why a connection ended, for logs.
 #[derive(Debug)]
-enum Close {
+pub(crate) enum Close {
     /// We sent a fatal ERROR.
     Fatal(ErrorCode, String),
     /// The peer closed or the transport failed.
@@ -110,7 +110,7 @@ impl std::fmt::Display for Close {
 }
 
 impl Close {
-    fn fatal(code: ErrorCode, reason: impl Into<String>) -> Self {
+    pub(crate) fn fatal(code: ErrorCode, reason: impl Into<String>) -> Self {
         Close::Fatal(code, reason.into())
     }
 }
@@ -122,7 +122,7 @@ impl From<StoreError> for Close {
 }
 
 /// Maps a transport failure to what the peer is told (if it can still hear us).
-fn transport_close(e: TransportError) -> Close {
+pub(crate) fn transport_close(e: TransportError) -> Close {
     match e {
         TransportError::BadPreamble => Close::fatal(
             ErrorCode::BadPreamble,
@@ -143,7 +143,7 @@ fn transport_close(e: TransportError) -> Close {
 }
 
 /// Maps a frame that did not decode to a fatal error; `None` means skip it.
-fn decode_close(e: DecodeError) -> Option<Close> {
+pub(crate) fn decode_close(e: DecodeError) -> Option<Close> {
     match e {
         DecodeError::UnknownIgnorable(_) => None,
         DecodeError::UnknownCritical(k) => Some(Close::fatal(
@@ -177,6 +177,11 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
     // this future for the session's whole life.
     let mut outcome = Box::pin(login(&shared, t)).await;
     let close = match &mut outcome {
+        Login::Probe(t, ticket) => {
+            let close = Box::pin(crate::probe::run(&shared, t, ticket)).await;
+            debug!(transport = t.kind().as_str(), peer = %t.peer(), reason = %close, "probe session closed");
+            close
+        }
         Login::Admitted(conn) => {
             let close = conn.run().await;
             shared.registry.unregister(&conn.session);
@@ -192,6 +197,7 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
     };
     let t = match &mut outcome {
         Login::Admitted(conn) => &mut conn.t,
+        Login::Probe(t, _) => t,
         Login::Refused(t, _) => t,
     };
     Box::pin(finish(&shared, t, close)).await;
@@ -204,12 +210,20 @@ enum Login<T> {
     Admitted(Conn<T>),
     /// Refused: the transport, and why.
     Refused(T, Close),
+    /// A probe session (DESIGN §5): not registered, served by [`crate::probe::run`].
+    Probe(T, crate::probe::ProbeTicket),
 }
 
 /// Reads HELLO within the login deadline, admits the session and queues WELCOME.
 async fn login<T: Transport>(shared: &Arc<Shared>, mut t: T) -> Login<T> {
     let deadline = shared.config.login_deadline;
     let admitted = match tokio::time::timeout(deadline, read_hello(&mut t)).await {
+        Ok(Ok(hello)) if hello.probe => {
+            return match admit_probe(shared, hello) {
+                Ok(ticket) => Login::Probe(t, ticket),
+                Err(close) => Login::Refused(t, close),
+            };
+        }
         Ok(Ok(hello)) => admit(shared, hello),
         Ok(Err(close)) => Err(close),
         Err(_) => Err(Close::fatal(
@@ -330,8 +344,9 @@ enum Resumed {
     Compacted,
 }
 
-/// Checks the HELLO, registers the session and decides where delivery starts.
-fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
+/// Checks what every login must pass (version, drain, admission, token); returns the
+/// user id.
+fn check_login(shared: &Arc<Shared>, hello: &pb::Hello) -> Result<String, Close> {
     if hello.version != tether_proto::PROTOCOL_VERSION {
         return Err(Close::fatal(
             ErrorCode::UnsupportedVersion,
@@ -345,16 +360,22 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
     if let Err(retry_after) = shared.logins.lock().try_take(Instant::now()) {
         return Err(Close::Overloaded { retry_after });
     }
-    let user = shared
+    shared
         .auth
         .verify(&hello.token)
-        .map_err(|e| Close::fatal(ErrorCode::AuthFailed, e.to_string()))?;
-    if hello.probe {
-        return Err(Close::fatal(
-            ErrorCode::Unsupported,
-            "probe sessions are not offered by this server yet",
-        ));
-    }
+        .map_err(|e| Close::fatal(ErrorCode::AuthFailed, e.to_string()))
+}
+
+/// Admits a probe session: the login checks, then the device's probe slot.
+fn admit_probe(shared: &Arc<Shared>, hello: pb::Hello) -> Result<crate::probe::ProbeTicket, Close> {
+    let user = check_login(shared, &hello)?;
+    let interval = shared.config.heartbeat.accept(hello.heartbeat_interval_ms);
+    crate::probe::Probes::admit(shared, &user, &hello.device_id, interval)
+}
+
+/// Checks the HELLO, registers the session and decides where delivery starts.
+fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
+    let user = check_login(shared, &hello)?;
     let session = Arc::new(Session::new(
         user.into(),
         hello.device_id.into_boxed_str(),
@@ -564,6 +585,7 @@ impl<T: Transport> Conn<T> {
             dedup_window_ms: cfg.retention.as_millis() as u64,
             max_frame: cfg.max_frame as u32,
             head: a.info.head,
+            probe: false,
         }))?;
         self.t.set_max_frame(cfg.max_frame);
         self.extend_deadline();

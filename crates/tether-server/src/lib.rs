@@ -16,6 +16,7 @@ pub mod config;
 pub mod connection;
 pub mod deadlines;
 pub mod metrics;
+pub mod probe;
 pub mod registry;
 
 use crate::auth::Authenticator;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub deadlines: deadlines::DeadlineWheel,
     /// Pacing of backlog replays (entries per second across all connections).
     pub replays: parking_lot::Mutex<tether_core::admission::TokenBucket>,
+    /// Probe sessions, one per device (DESIGN §5).
+    pub probes: probe::Probes,
     sweeper: std::sync::atomic::AtomicBool,
 }
 
@@ -177,6 +180,7 @@ impl Server {
                 logins,
                 replays,
                 deadlines,
+                probes: Default::default(),
                 draining: Default::default(),
                 sweeper: Default::default(),
             }),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub sessions_expired: Counter,
     /// Logins refused by admission control (ERROR OVERLOADED).
     pub logins_throttled: Counter,
+    /// Probe sessions admitted (side connections testing a heartbeat interval).
+    pub probe_sessions: Counter,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -56,6 +58,7 @@ impl Default for Metrics {
             protocol_errors: Counter::default(),
             sessions_expired: Counter::default(),
             logins_throttled: Counter::default(),
+            probe_sessions: Counter::default(),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -101,6 +104,11 @@ impl Default for Metrics {
             "logins_throttled",
             "Logins refused by admission control (ERROR OVERLOADED with retry_after_ms)",
             m.logins_throttled.clone(),
+        );
+        registry.register(
+            "probe_sessions",
+            "Probe sessions admitted (side connections testing a heartbeat interval)",
+            m.probe_sessions.clone(),
         );
         registry.register(
             "sessions_expired",
