@@ -129,6 +129,26 @@ pub enum ClientEvent {
         /// The server's explanation.
         reason: String,
     },
+    /// A smart heartbeat decision (DESIGN §5): probes, their outcomes, interval changes,
+    /// convergence, step-downs, network switches.
+    Smart(crate::smart::SmartEvent),
+    /// A heartbeat PING left, on the main connection or a side probe, after `idle` of
+    /// silence on that connection.
+    Ping {
+        /// On a side probe connection.
+        probe: bool,
+        /// Silence before it.
+        idle: Duration,
+    },
+    /// A PONG answered the PING that broke a silence of `idle`.
+    Pong {
+        /// On a side probe connection.
+        probe: bool,
+        /// Silence before the PING.
+        idle: Duration,
+        /// PING → PONG.
+        rtt: Duration,
+    },
     /// The client stopped for good.
     Stopped(ClientError),
 }
@@ -329,7 +349,17 @@ impl ClientHandle {
     /// current connection, whose path is likely gone, and reconnects at once, without
     /// waiting for the heartbeat to notice or for the backoff.
     pub async fn network_changed(&self) {
-        let _ = self.controls.send(Control::NetworkChanged).await;
+        let _ = self.controls.send(Control::NetworkChanged(None)).await;
+    }
+
+    /// Tells the client the device moved to the network `id` (an app-chosen name, e.g.
+    /// a hash of the Wi-Fi SSID or the carrier): like [`Self::network_changed`], and the
+    /// smart heartbeat switches to that network's learned interval at once.
+    pub async fn switch_network(&self, id: impl Into<String>) {
+        let _ = self
+            .controls
+            .send(Control::NetworkChanged(Some(id.into())))
+            .await;
     }
 
     /// Waits until a session is up; fails at once if the client stopped.

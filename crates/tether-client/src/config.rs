@@ -53,6 +53,12 @@ pub struct ClientConfig {
     pub entry_buffer: usize,
     /// How transports are opened (TCP by default).
     pub connector: Arc<dyn Connector>,
+    /// App-supplied id of the network the device is on (sent in HELLO; the smart
+    /// heartbeat learns per network). Change it with `ClientHandle::switch_network`.
+    pub network_id: String,
+    /// Learn the longest interval the network's NAT allows (DESIGN §5) instead of
+    /// using `heartbeat_interval`; `None` = fixed interval.
+    pub smart_heartbeat: Option<crate::smart::SmartSettings>,
 }
 
 impl ClientConfig {
@@ -82,6 +88,8 @@ impl ClientConfig {
             max_in_flight: 1024,
             max_outbox: 10_000,
             entry_buffer: 256,
+            network_id: "default".into(),
+            smart_heartbeat: None,
             connector: Arc::new(TcpConnector {
                 // Backstop only: well past the heartbeat's own dead-link time.
                 keepalive_idle: Some(
@@ -132,6 +140,8 @@ impl fmt::Debug for ClientConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("max_outbox", &self.max_outbox)
             .field("entry_buffer", &self.entry_buffer)
+            .field("network_id", &self.network_id)
+            .field("smart_heartbeat", &self.smart_heartbeat)
             .finish_non_exhaustive()
     }
 }

@@ -24,6 +24,12 @@ pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = io::Result<BoxTransport
 pub trait Connector: Send + Sync + 'static {
     /// Connects to `server`. For stream transports the preamble is queued already.
     fn connect<'a>(&'a self, server: &'a str) -> ConnectFuture<'a>;
+
+    /// Connects a smart-heartbeat probe (DESIGN §5). Kernel keepalive must stay off on
+    /// probes: it would refresh the NAT mapping and hide the interval under test.
+    fn connect_probe<'a>(&'a self, server: &'a str) -> ConnectFuture<'a> {
+        self.connect(server)
+    }
 }
 
 /// Plain TCP to `host:port`, trying each resolved address in turn.
@@ -39,7 +45,21 @@ pub struct TcpConnector {
 
 impl Connector for TcpConnector {
     fn connect<'a>(&'a self, server: &'a str) -> ConnectFuture<'a> {
-        Box::pin(async move {
+        Box::pin(self.open(server, self.keepalive_idle))
+    }
+
+    fn connect_probe<'a>(&'a self, server: &'a str) -> ConnectFuture<'a> {
+        Box::pin(self.open(server, None))
+    }
+}
+
+impl TcpConnector {
+    async fn open(
+        &self,
+        server: &str,
+        keepalive_idle: Option<Duration>,
+    ) -> io::Result<BoxTransport> {
+        {
             let mut last_error = None;
             for addr in tokio::net::lookup_host(server).await? {
                 match TcpTransport::connect(addr, DEFAULT_MAX_FRAME).await {
@@ -50,7 +70,7 @@ impl Connector for TcpConnector {
                                 tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
                             }
                         }
-                        if let Some(idle) = self.keepalive_idle {
+                        if let Some(idle) = keepalive_idle {
                             let keepalive = socket2::TcpKeepalive::new()
                                 .with_time(idle)
                                 .with_interval(Duration::from_secs(10))
@@ -68,7 +88,7 @@ impl Connector for TcpConnector {
             Err(last_error.unwrap_or_else(|| {
                 io::Error::new(io::ErrorKind::NotFound, format!("{server}: no address"))
             }))
-        })
+        }
     }
 }
 

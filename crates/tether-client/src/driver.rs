@@ -16,6 +16,9 @@ use crate::error::{ClientError, DisconnectReason};
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::inbox::{Handoff, InboxCursor, WelcomeCheck};
 use crate::outbox::Outbox;
+use crate::smart::{
+    FULL_IDLE, NetworkKey, ProbeMode, ProbeOutcome, SideResult, SmartHeartbeat, side_probe,
+};
 use crate::state::{ClientMsgId, PendingSend, StateFile, write_atomic};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -76,8 +79,9 @@ pub(crate) enum Control {
     Close,
     /// Switch the heartbeat interval (foreground/background profiles).
     SetHeartbeat(Duration),
-    /// The device changed networks: reconnect now instead of waiting.
-    NetworkChanged,
+    /// The device changed networks (to the named one, if given): reconnect now
+    /// instead of waiting.
+    NetworkChanged(Option<String>),
 }
 
 /// The driver's ends of the channels to the handles.
@@ -100,6 +104,46 @@ struct Conn {
     info: SessionInfo,
     /// Highest ACK this session knows of (the resume point counts).
     acked_sent: u64,
+    /// When the client last sent or received anything on this connection: the NAT's
+    /// idle clock restarts with traffic in either direction.
+    last_tx: Instant,
+    last_rx: Instant,
+    last_pong: Option<Instant>,
+    /// The PING that broke a silence: when it left, the silence before it, and the
+    /// interval in force then.
+    silence_ping: Option<(Instant, Duration, Duration)>,
+}
+
+impl Conn {
+    fn sent(&mut self, now: Instant) {
+        self.last_tx = now;
+        self.heartbeat.on_sent(now);
+    }
+}
+
+/// The smart heartbeat's run-time state (DESIGN §5).
+struct Smart {
+    engine: SmartHeartbeat,
+    mode: ProbeMode,
+    /// The side probe running now.
+    side: Option<tokio::task::JoinHandle<()>>,
+    /// Bumped on every network switch: results of older probes are dropped.
+    generation: u64,
+    results_tx: mpsc::Sender<(u64, SideResult)>,
+    results_rx: mpsc::Receiver<(u64, SideResult)>,
+    /// A side probe's PING went unacknowledged; the main link is being asked whether
+    /// it answers (the attribution rule).
+    attributing: Option<Attributing>,
+    /// The main link died on its first PING after a full idle: counted only if the
+    /// reconnect succeeds at once (else it was an outage). (idle, when, at the
+    /// candidate under test in main mode).
+    main_failure: Option<(Duration, Instant, bool)>,
+}
+
+struct Attributing {
+    idle: Duration,
+    ping_at: Instant,
+    until: Instant,
 }
 
 type Attempt = Pin<Box<dyn Future<Output = Result<Handshake, AttemptError>> + Send>>;
@@ -196,6 +240,7 @@ pub(crate) struct Driver {
     max_frame: usize,
     /// Why the client stops, once it does.
     stop: Option<ClientError>,
+    smart: Option<Box<Smart>>,
 }
 
 fn now() -> Instant {
@@ -210,7 +255,30 @@ fn unix_ms() -> u64 {
 }
 
 impl Driver {
-    pub(crate) fn new(config: ClientConfig, state: StateFile, ch: Channels) -> Self {
+    pub(crate) fn new(mut config: ClientConfig, state: StateFile, ch: Channels) -> Self {
+        let smart = config.smart_heartbeat.clone().map(|settings| {
+            let mut engine = SmartHeartbeat::new(settings.config);
+            engine.restore(
+                state
+                    .networks
+                    .iter()
+                    .map(|n| (n.key.clone(), n.state.clone()))
+                    .collect(),
+            );
+            config.heartbeat_interval =
+                engine.switch_network(network_key(&config.network_id), now());
+            let (results_tx, results_rx) = mpsc::channel(1);
+            Box::new(Smart {
+                engine,
+                mode: settings.probe,
+                side: None,
+                generation: 0,
+                results_tx,
+                results_rx,
+                attributing: None,
+                main_failure: None,
+            })
+        });
         let cursor = InboxCursor::new(state.inbox_epoch, state.last_seq);
         if !state.outbox.is_empty() {
             info!(
@@ -236,6 +304,7 @@ impl Driver {
             syncs: VecDeque::new(),
             max_frame: DEFAULT_MAX_FRAME,
             stop: None,
+            smart,
             config,
             ch,
         }
@@ -274,7 +343,11 @@ impl Driver {
                     Err(_) => self.on_app_gone(),
                 },
                 () = sleep_until(deadline) => self.on_timer().await,
+                (generation, result) = smart_result(&mut self.smart) => self.on_side_result(generation, result),
             }
+        }
+        if let Some(side) = self.smart.as_mut().and_then(|s| s.side.take()) {
+            side.abort();
         }
         self.finish().await;
     }
@@ -294,7 +367,10 @@ impl Driver {
             Link::Up(conn) => Some(conn.heartbeat.poll_timeout()),
             Link::Connecting { .. } | Link::Stopped => None,
         };
-        [link, self.persist_by].into_iter().flatten().min()
+        [link, self.persist_by, self.smart_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn emit(&self, event: ClientEvent) {
@@ -318,6 +394,17 @@ impl Driver {
             last_seq: acked,
             device_epoch: self.device_epoch,
             outbox: self.outbox.iter().cloned().collect(),
+            networks: self
+                .smart
+                .as_ref()
+                .map(|s| {
+                    s.engine
+                        .snapshot()
+                        .into_iter()
+                        .map(|(key, state)| crate::state::SavedNetwork { key, state })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         let bytes = snapshot.to_json();
         let target = path.clone();
@@ -401,24 +488,290 @@ impl Driver {
                     conn.heartbeat.set_interval(now(), interval);
                 }
             }
-            Control::NetworkChanged => match &self.link {
-                // The old path is probably gone: drop it and try at once.
-                Link::Up(_) => {
-                    self.end_link(Ending {
-                        reason: DisconnectReason::NetworkDead,
-                        next: Next::Retry {
-                            floor: Duration::ZERO,
-                        },
-                    });
-                    self.backoff.reset();
-                    self.link = Link::Down { retry_at: now() };
+            Control::NetworkChanged(network) => {
+                if let Some(id) = network {
+                    self.switch_network(id);
                 }
-                Link::Down { .. } => {
-                    self.backoff.reset();
-                    self.link = Link::Down { retry_at: now() };
+                self.network_changed();
+            }
+        }
+    }
+
+    /// The device changed networks: drop the link, whose path is likely gone, and
+    /// reconnect at once.
+    fn network_changed(&mut self) {
+        match &self.link {
+            // The old path is probably gone: drop it and try at once.
+            Link::Up(_) => {
+                self.end_link(Ending {
+                    reason: DisconnectReason::NetworkDead,
+                    next: Next::Retry {
+                        floor: Duration::ZERO,
+                    },
+                });
+                self.backoff.reset();
+                self.link = Link::Down { retry_at: now() };
+            }
+            // An attempt under way may be on the old path too.
+            Link::Down { .. } | Link::Connecting { .. } => {
+                self.backoff.reset();
+                self.link = Link::Down { retry_at: now() };
+            }
+            Link::Stopped => {}
+        }
+    }
+
+    // ----- smart heartbeat (DESIGN §5; see crate::smart) -----
+
+    /// Switches to another network's learned interval at once.
+    fn switch_network(&mut self, id: String) {
+        if id == self.config.network_id {
+            return;
+        }
+        info!(from = %self.config.network_id, to = %id, "network switched");
+        self.config.network_id = id;
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        if let Some(side) = smart.side.take() {
+            side.abort();
+        }
+        smart.generation += 1;
+        smart.attributing = None;
+        smart.main_failure = None;
+        smart
+            .engine
+            .switch_network(network_key(&self.config.network_id), now());
+        self.smart_apply();
+    }
+
+    /// When the smart heartbeat next needs the timer.
+    fn smart_deadline(&self) -> Option<Instant> {
+        let smart = self.smart.as_ref()?;
+        if let Some(a) = &smart.attributing {
+            return Some(a.until);
+        }
+        if !matches!(self.link, Link::Up(_)) || smart.side.is_some() {
+            return None;
+        }
+        smart.engine.next_probe_at()
+    }
+
+    /// Ends an attribution that got no answer; starts the next probe when one is due.
+    fn smart_tick(&mut self, now: Instant) {
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        if let Some(a) = &smart.attributing {
+            if a.until <= now {
+                smart.attributing = None;
+                smart.engine.on_probe_result(
+                    now,
+                    ProbeOutcome::Discarded {
+                        reason:
+                            "probe PING unacknowledged, but the main link did not answer either"
+                                .into(),
+                    },
+                );
+                self.smart_apply();
+            }
+            return;
+        }
+        let Link::Up(conn) = &self.link else {
+            return;
+        };
+        if smart.side.is_some() || !smart.engine.next_probe_at().is_some_and(|t| t <= now) {
+            return;
+        }
+        let Some(candidate) = smart.engine.next_probe(now) else {
+            return;
+        };
+        if smart.mode == ProbeMode::Side {
+            let hello = pb::Hello {
+                version: PROTOCOL_VERSION,
+                token: self.config.token.clone(),
+                device_id: self.config.device_id.clone(),
+                device_epoch: self.device_epoch,
+                platform: self.config.platform.clone(),
+                app_version: self.config.app_version.clone(),
+                network: Some(pb::Network {
+                    id: self.config.network_id.clone(),
+                    r#type: 0,
+                }),
+                heartbeat_mode: pb::HeartbeatMode::Idle as i32,
+                heartbeat_interval_ms: duration_ms_u32(candidate),
+                resume: None,
+                probe: true,
+            };
+            debug!(candidate = ?candidate, "side probe starts");
+            let probe = side_probe(
+                self.config.connector.clone(),
+                conn.info.server.clone(),
+                hello,
+                candidate,
+                self.config.pong_timeout,
+                self.config.connect_timeout,
+            );
+            let results = smart.results_tx.clone();
+            let generation = smart.generation;
+            smart.side = Some(tokio::spawn(async move {
+                let result = probe.await;
+                let _ = results.send((generation, result)).await;
+            }));
+        }
+        self.smart_apply();
+    }
+
+    /// A side probe finished: apply the attribution rule, then learn.
+    fn on_side_result(&mut self, generation: u64, result: SideResult) {
+        let at = now();
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        if generation != smart.generation {
+            return;
+        }
+        smart.side = None;
+        let mut pinged = None;
+        let outcome = match result {
+            SideResult::Answered { idle, rtt } => {
+                pinged = Some((idle, Some(rtt)));
+                ProbeOutcome::Success { idle }
+            }
+            SideResult::Unacked { idle, ping_at } => {
+                pinged = Some((idle, None));
+                match &mut self.link {
+                    Link::Up(conn) if conn.last_pong.is_some_and(|t| t > ping_at) => {
+                        ProbeOutcome::Failure { idle }
+                    }
+                    Link::Up(conn) => {
+                        // Ask the main link now; its answer decides (smart_main_ponged).
+                        smart.attributing = Some(Attributing {
+                            idle,
+                            ping_at,
+                            until: at + self.config.pong_timeout,
+                        });
+                        let next_interval_ms = conn
+                            .heartbeat
+                            .pending_next_interval()
+                            .map_or(0, duration_ms_u32);
+                        if conn.silence_ping.is_none() {
+                            let silent =
+                                at.saturating_duration_since(conn.last_tx.max(conn.last_rx));
+                            conn.silence_ping = Some((at, silent, conn.heartbeat.interval()));
+                        }
+                        self.send_frame(&Frame::Ping(pb::Ping { next_interval_ms }));
+                        self.emit(ClientEvent::Ping { probe: true, idle });
+                        return;
+                    }
+                    _ => ProbeOutcome::Discarded {
+                        reason: "probe PING unacknowledged while the main link was down".into(),
+                    },
                 }
-                Link::Connecting { .. } | Link::Stopped => {}
-            },
+            }
+            SideResult::Inconclusive(reason) => ProbeOutcome::Discarded { reason },
+        };
+        smart.engine.on_probe_result(at, outcome);
+        if let Some((idle, rtt)) = pinged {
+            self.emit(ClientEvent::Ping { probe: true, idle });
+            if let Some(rtt) = rtt {
+                self.emit(ClientEvent::Pong {
+                    probe: true,
+                    idle,
+                    rtt,
+                });
+            }
+        }
+        self.smart_apply();
+    }
+
+    /// A PONG arrived on the main link: it settles a pending attribution.
+    fn smart_main_ponged(&mut self, at: Instant) {
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        let Some(a) = smart.attributing.take_if(|a| at > a.ping_at) else {
+            return;
+        };
+        smart
+            .engine
+            .on_probe_result(at, ProbeOutcome::Failure { idle: a.idle });
+        self.smart_apply();
+    }
+
+    /// The main link answered a PING after a full idle: in main mode, a probe success.
+    fn smart_main_answered(&mut self, idle: Duration) {
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        if smart.mode == ProbeMode::Main
+            && smart
+                .engine
+                .probe_in_flight()
+                .is_some_and(|c| idle >= c.mul_f64(FULL_IDLE))
+        {
+            smart
+                .engine
+                .on_probe_result(now(), ProbeOutcome::Success { idle });
+            self.smart_apply();
+        }
+    }
+
+    /// A session is up: a link death just before it, followed by this reconnect at
+    /// once, was the NAT (DESIGN §5 stable state); learn from it.
+    fn smart_connected(&mut self) {
+        let at = now();
+        let window = self.config.connect_timeout;
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        if let Some((idle, died, at_candidate)) = smart.main_failure.take() {
+            if at.saturating_duration_since(died) <= window {
+                if at_candidate {
+                    smart
+                        .engine
+                        .on_probe_result(at, ProbeOutcome::Failure { idle });
+                } else {
+                    smart.engine.on_main_failure(at, idle);
+                }
+            } else if at_candidate {
+                smart.engine.on_probe_result(
+                    at,
+                    ProbeOutcome::Discarded {
+                        reason: "the reconnect after the link died took too long".into(),
+                    },
+                );
+            }
+        }
+        self.smart_apply();
+    }
+
+    /// Reports the engine's decisions and runs the main link at its interval (the
+    /// candidate itself while a main-mode probe is under way).
+    fn smart_apply(&mut self) {
+        let Some(smart) = self.smart.as_mut() else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(e) = smart.engine.poll_event() {
+            events.push(e);
+        }
+        let interval = match (smart.mode, smart.engine.probe_in_flight()) {
+            (ProbeMode::Main, Some(candidate)) => candidate,
+            _ => smart.engine.run_interval(),
+        };
+        if !events.is_empty() {
+            self.persist_later();
+        }
+        for e in events {
+            info!(network = %e.network, event = ?e.kind, "smart heartbeat");
+            self.emit(ClientEvent::Smart(e));
+        }
+        if interval != self.config.heartbeat_interval {
+            self.config.heartbeat_interval = interval;
+            if let Link::Up(conn) = &mut self.link {
+                conn.heartbeat.set_interval(now(), interval);
+            }
         }
     }
 
@@ -461,7 +814,7 @@ impl Driver {
             if let Err(e) = conn.transport.send(&Frame::Send(send_message(send))) {
                 return self.end_link(transport_ending(e));
             }
-            conn.heartbeat.on_sent(now());
+            conn.sent(now());
         }
         if let Some(job) = self.syncs.front_mut().filter(|job| !job.asked) {
             job.asked = true;
@@ -482,7 +835,7 @@ impl Driver {
             return;
         };
         match conn.transport.send(frame) {
-            Ok(()) => conn.heartbeat.on_sent(now()),
+            Ok(()) => conn.sent(now()),
             Err(e) => self.end_link(transport_ending(e)),
         }
     }
@@ -491,10 +844,20 @@ impl Driver {
 
     async fn on_timer(&mut self) {
         let now = now();
+        self.smart_tick(now);
         match &mut self.link {
             Link::Down { retry_at } if *retry_at <= now => self.start_attempt().await,
             Link::Up(conn) => match conn.heartbeat.handle_timeout(now) {
                 HeartbeatAction::Ping => {
+                    if conn.silence_ping.is_none() {
+                        let idle = now.saturating_duration_since(conn.last_tx.max(conn.last_rx));
+                        conn.silence_ping = Some((now, idle, conn.heartbeat.interval()));
+                    }
+                    let idle = conn.silence_ping.map_or(Duration::ZERO, |p| p.1);
+                    self.emit(ClientEvent::Ping { probe: false, idle });
+                    let Link::Up(conn) = &mut self.link else {
+                        return;
+                    };
                     // A pending interval change rides on every PING until echoed.
                     let next_interval_ms = conn
                         .heartbeat
@@ -510,6 +873,15 @@ impl Driver {
                             Diagnosis::NetworkDead => DisconnectReason::NetworkDead,
                             Diagnosis::Unknown => DisconnectReason::UnknownTimeout,
                         };
+                    if reason == DisconnectReason::NetworkDead
+                        && let Some((_, idle, interval)) = conn.silence_ping
+                        && idle >= interval.mul_f64(FULL_IDLE)
+                        && let Some(smart) = self.smart.as_mut()
+                    {
+                        let at_candidate = smart.mode == ProbeMode::Main
+                            && smart.engine.probe_in_flight().is_some();
+                        smart.main_failure = Some((idle, now, at_candidate));
+                    }
                     self.end_link(Ending {
                         reason,
                         next: Next::Retry {
@@ -541,7 +913,10 @@ impl Driver {
             device_epoch: self.device_epoch,
             platform: self.config.platform.clone(),
             app_version: self.config.app_version.clone(),
-            network: None,
+            network: Some(pb::Network {
+                id: self.config.network_id.clone(),
+                r#type: 0,
+            }),
             heartbeat_mode: match self.config.heartbeat_mode {
                 HeartbeatMode::Idle => pb::HeartbeatMode::Idle,
                 HeartbeatMode::Fixed => pb::HeartbeatMode::Fixed,
@@ -601,6 +976,20 @@ impl Driver {
             _ => String::new(),
         };
         self.server_index = self.server_index.wrapping_add(1);
+        if let Some(smart) = self.smart.as_mut()
+            && let Some((_, _, at_candidate)) = smart.main_failure.take()
+        {
+            debug!("link death followed by a failed reconnect: an outage, not the NAT");
+            if at_candidate {
+                smart.engine.on_probe_result(
+                    now(),
+                    ProbeOutcome::Discarded {
+                        reason: "the link died and the reconnect failed: an outage".into(),
+                    },
+                );
+                self.smart_apply();
+            }
+        }
         let delay = self.backoff.next_delay(&mut self.rng);
         warn!(%server, %detail, retry_in = ?delay, "connect failed");
         self.emit(ClientEvent::ConnectFailed {
@@ -710,6 +1099,10 @@ impl Driver {
             ),
             info: info.clone(),
             acked_sent,
+            last_tx: now(),
+            last_rx: now(),
+            last_pong: None,
+            silence_ping: None,
         }));
         // The app switched profiles while this connection was being made: apply it now.
         if self.config.heartbeat_interval != self.hello_interval
@@ -722,13 +1115,17 @@ impl Driver {
             .status
             .send_replace(ConnState::Connected(info.clone()));
         self.emit(ClientEvent::Connected(info));
+        self.smart_connected();
     }
 
     fn on_frame(&mut self, raw: RawFrame) {
         let Link::Up(conn) = &mut self.link else {
             return;
         };
-        conn.heartbeat.on_received(now());
+        let at = now();
+        conn.heartbeat.on_received(at);
+        conn.last_rx = at;
+        let silence_ping = conn.silence_ping.take();
         let frame = match frame::from_raw(&raw) {
             Ok(frame) => frame,
             Err(DecodeError::UnknownIgnorable(kind)) => {
@@ -745,7 +1142,19 @@ impl Driver {
             Frame::Pong(pong) => {
                 let echoed = (pong.interval_ms > 0)
                     .then(|| Duration::from_millis(u64::from(pong.interval_ms)));
-                conn.heartbeat.on_pong(now(), echoed);
+                conn.heartbeat.on_pong(at, echoed);
+                conn.last_pong = Some(at);
+                if let Some((sent, idle, interval)) = silence_ping {
+                    self.emit(ClientEvent::Pong {
+                        probe: false,
+                        idle,
+                        rtt: at - sent,
+                    });
+                    if idle >= interval.mul_f64(FULL_IDLE) {
+                        self.smart_main_answered(idle);
+                    }
+                }
+                self.smart_main_ponged(at);
             }
             Frame::SyncDone(s) => self.on_sync_done(s),
             Frame::Kick(k) => self.on_kick(k),
@@ -1020,6 +1429,22 @@ fn poll_link(link: &mut Link, cx: &mut Context<'_>) -> Poll<LinkEvent> {
         }
         Link::Down { .. } | Link::Stopped => Poll::Pending,
     }
+}
+
+/// The next side-probe result; pending forever without a smart heartbeat.
+async fn smart_result(smart: &mut Option<Box<Smart>>) -> (u64, SideResult) {
+    match smart {
+        Some(s) => match s.results_rx.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The smart heartbeat's key for a network id (the transport is TCP for now).
+fn network_key(id: &str) -> NetworkKey {
+    NetworkKey::new(id, "tcp")
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -44,6 +44,7 @@ pub mod connector;
 mod driver;
 pub mod error;
 pub mod outbox;
+pub mod smart;
 pub mod state;
 
 pub use backoff::Backoff;

@@ -139,6 +139,19 @@ pub struct StateFile {
     /// Unconfirmed sends, oldest first.
     #[serde(default)]
     pub outbox: Vec<PendingSend>,
+    /// What the smart heartbeat learned, per network, least recently used first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<SavedNetwork>,
+}
+
+/// One network's learned heartbeat (see [`crate::smart`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedNetwork {
+    /// App-supplied network id + transport.
+    pub key: tether_core::smart::NetworkKey,
+    /// Known-good and known-bad intervals, phase, probes.
+    #[serde(flatten)]
+    pub state: tether_core::smart::NetworkState,
 }
 
 impl StateFile {

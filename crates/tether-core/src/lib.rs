@@ -9,9 +9,12 @@
 //! - [`diagnosis`]: why a heartbeat failed, from TCP_INFO.
 //! - [`backoff`]: capped exponential reconnect backoff with full jitter.
 //! - [`inbox`]: the client's cursor: each entry handed to the app once, in order.
+//! - [`smart`]: the smart heartbeat: per network, the longest interval the NAT allows
+//!   (DESIGN §5).
 
 pub mod admission;
 pub mod backoff;
 pub mod diagnosis;
 pub mod heartbeat;
 pub mod inbox;
+pub mod smart;

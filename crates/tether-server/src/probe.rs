@@ -137,7 +137,11 @@ impl Drop for ProbeTicket {
 /// Runs an admitted probe session: WELCOME, then PONG for every PING until the peer
 /// closes, falls silent past the deadline, sends anything else, or a newer probe of the
 /// device takes over.
-pub(crate) async fn run<T: Transport>(shared: &Arc<Shared>, t: &mut T, ticket: &ProbeTicket) -> Close {
+pub(crate) async fn run<T: Transport>(
+    shared: &Arc<Shared>,
+    t: &mut T,
+    ticket: &ProbeTicket,
+) -> Close {
     let cfg = &shared.config;
     let session_id = shared
         .session_ids

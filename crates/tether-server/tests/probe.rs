@@ -37,7 +37,13 @@ async fn next(t: &mut MemoryTransport, within: Duration) -> Option<Frame> {
     Some(frame::from_raw(&raw).unwrap())
 }
 
-async fn hello(s: &Server, user: &str, device: &str, probe: bool, interval_ms: u32) -> (MemoryTransport, Frame) {
+async fn hello(
+    s: &Server,
+    user: &str,
+    device: &str,
+    probe: bool,
+    interval_ms: u32,
+) -> (MemoryTransport, Frame) {
     let mut t = s.connect_memory();
     t.send(&Frame::Hello(pb::Hello {
         version: 1,
@@ -50,7 +56,9 @@ async fn hello(s: &Server, user: &str, device: &str, probe: bool, interval_ms: u
     }))
     .unwrap();
     flush(&mut t).await.unwrap();
-    let reply = next(&mut t, Duration::from_secs(5)).await.expect("no reply to HELLO");
+    let reply = next(&mut t, Duration::from_secs(5))
+        .await
+        .expect("no reply to HELLO");
     (t, reply)
 }
 
@@ -69,9 +77,15 @@ async fn a_probe_is_not_a_session_and_receives_nothing_but_pong() {
     assert_eq!(s.shared().registry.len(), 1);
 
     let (mut probe, w) = hello(&s, "bob", "phone", true, 60_000).await;
-    let Frame::Welcome(w) = w else { panic!("probe refused: {w:?}") };
+    let Frame::Welcome(w) = w else {
+        panic!("probe refused: {w:?}")
+    };
     assert_eq!(w.user_id, "bob");
-    assert_eq!(w.heartbeat.unwrap().interval_ms, 60_000, "the candidate is accepted as asked");
+    assert_eq!(
+        w.heartbeat.unwrap().interval_ms,
+        60_000,
+        "the candidate is accepted as asked"
+    );
     // Same device, no kick either way, no registry entry.
     assert_eq!(s.shared().registry.len(), 1);
     assert_eq!(s.shared().probes.active(), 1);
@@ -95,9 +109,16 @@ async fn a_probe_is_not_a_session_and_receives_nothing_but_pong() {
         }
     };
     assert_eq!(&delivered.body[..], b"hi");
-    assert_eq!(next(&mut probe, Duration::from_millis(300)).await, None, "nothing unasked on a probe");
+    assert_eq!(
+        next(&mut probe, Duration::from_millis(300)).await,
+        None,
+        "nothing unasked on a probe"
+    );
     assert!(matches!(ping(&mut probe).await, Some(Frame::Pong(_))));
-    assert!(matches!(ping(&mut main).await, Some(Frame::Pong(_))), "the main session is untouched");
+    assert!(
+        matches!(ping(&mut main).await, Some(Frame::Pong(_))),
+        "the main session is untouched"
+    );
 
     // Anything but PING is a protocol error that ends only the probe.
     probe.send(&Frame::Ack(pb::Ack { seq: 1 })).unwrap();
@@ -150,8 +171,14 @@ async fn the_probe_deadline_follows_the_candidate() {
     let got = next(&mut probe, Duration::from_secs(5)).await;
     let after = silent_from.elapsed();
     assert_eq!(got, None, "closed without a frame");
-    assert!(after >= Duration::from_millis(850), "closed early: {after:?}");
-    assert!(after <= Duration::from_millis(1500), "closed late: {after:?}");
+    assert!(
+        after >= Duration::from_millis(850),
+        "closed early: {after:?}"
+    );
+    assert!(
+        after <= Duration::from_millis(1500),
+        "closed late: {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +192,11 @@ async fn one_probe_per_device_and_probe_logins_are_rate_limited() {
     match refused {
         Frame::Error(e) => {
             assert_eq!(e.code, ErrorCode::Overloaded as i32);
-            assert!(e.retry_after_ms > 0 && e.retry_after_ms <= 400, "{}", e.retry_after_ms);
+            assert!(
+                e.retry_after_ms > 0 && e.retry_after_ms <= 400,
+                "{}",
+                e.retry_after_ms
+            );
         }
         other => panic!("expected OVERLOADED, got {other:?}"),
     }
@@ -177,7 +208,11 @@ async fn one_probe_per_device_and_probe_logins_are_rate_limited() {
     tokio::time::sleep(Duration::from_millis(450)).await;
     let (mut second, w) = hello(&s, "bob", "phone", true, 60_000).await;
     assert!(matches!(w, Frame::Welcome(_)));
-    assert_eq!(next(&mut first, Duration::from_secs(5)).await, None, "the older probe is closed");
+    assert_eq!(
+        next(&mut first, Duration::from_secs(5)).await,
+        None,
+        "the older probe is closed"
+    );
     assert!(matches!(ping(&mut second).await, Some(Frame::Pong(_))));
     assert_eq!(s.shared().probes.active(), 2);
     assert_eq!(s.shared().registry.len(), 0, "probes never register");
