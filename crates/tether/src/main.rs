@@ -9,6 +9,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod lab;
 mod client_cmds;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Chat(client_cmds::ChatArgs),
     /// Benchmarks (codec, throughput, latency, memory per session).
     Bench(bench::BenchArgs),
+    /// Network lab (root): prove the heartbeat against a real NAT in namespaces.
+    Lab(lab::LabArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +115,10 @@ struct ServeArgs {
     /// On SIGTERM, the address clients should move to instead.
     #[arg(long)]
     drain_to: Option<String>,
+    /// Least time between two probe sessions (smart heartbeat side probes) of one
+    /// device, ms.
+    #[arg(long, default_value_t = 500)]
+    probe_min_gap_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +142,11 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Lab(args) = cli.command {
+        // Its own threads and runtimes, one per namespace.
+        init_logging();
+        return lab::run(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -165,6 +177,7 @@ fn main() -> ExitCode {
             Command::Recv(args) => client_cmds::run_recv(args).await,
             Command::Chat(args) => client_cmds::run_chat(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Lab(_) => unreachable!("handled before the runtime starts"),
         }
     })
 }
@@ -190,6 +203,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         drain_window: Duration::from_millis(args.drain_window_ms),
         drain_to: args.drain_to,
+        probes: tether_server::probe::ProbeLimits {
+            min_gap: Duration::from_millis(args.probe_min_gap_ms),
+        },
         login_rate: args.login_rate,
         login_burst: args.login_burst,
         tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
