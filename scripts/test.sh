@@ -9,6 +9,11 @@ need_pkgs=()
 command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)   # fsync-before-ack test
 command -v pgrep >/dev/null 2>&1 || need_pkgs+=(procps)    # pgrep/kill in e2e tests
 command -v kill >/dev/null 2>&1 || need_pkgs+=(procps)
+command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)          # the network lab's NAT
+command -v conntrack >/dev/null 2>&1 || need_pkgs+=(conntrack)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+command -v ping >/dev/null 2>&1 || need_pkgs+=(iputils-ping)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]} (apt)"
   sudo_cmd=""
@@ -33,7 +38,16 @@ group "build (tests, debug)"          cargo test --workspace --no-run --quiet
 group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
 group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
 group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether-server --test '*' --quiet -- --test-threads=1
-group "end to end (CLI, processes; serial)" cargo test -p tether --test '*' --quiet -- --test-threads=1
+# The lab's scenarios run in parallel (each in its own namespaces; they mostly wait on
+# timers), everything else of the tether crate serially.
+e2e_tests=()
+for f in crates/tether/tests/*.rs; do
+  t=$(basename "$f" .rs)
+  [ "$t" = lab ] || e2e_tests+=(--test "$t")
+done
+group "end to end (CLI, processes; serial)" cargo test -p tether "${e2e_tests[@]}" --quiet -- --test-threads=1
+group "network lab (root: namespaces, NAT; parallel)" cargo test -p tether-lab --test '*' --quiet
+group "smart heartbeat on a real NAT (root; parallel scenarios)" cargo test -p tether --test lab --quiet -- --test-threads=16
 
 echo
 echo "== test group times"
