@@ -580,7 +580,7 @@ impl Driver {
         let Link::Up(conn) = &self.link else {
             return;
         };
-        if smart.side.is_some() || !smart.engine.next_probe_at().is_some_and(|t| t <= now) {
+        if smart.side.is_some() || smart.engine.next_probe_at().is_none_or(|t| t > now) {
             return;
         }
         let Some(candidate) = smart.engine.next_probe(now) else {

@@ -236,6 +236,15 @@ mod tests {
                     content_type: String::new(),
                 },
             ],
+            networks: vec![SavedNetwork {
+                key: tether_core::smart::NetworkKey::new("home-wifi", "tcp"),
+                state: tether_core::smart::NetworkState {
+                    known_good_ms: 118_000,
+                    known_bad_ms: Some(122_000),
+                    phase: tether_core::smart::Phase::Stable,
+                    probes: 7,
+                },
+            }],
         }
     }
 
@@ -258,6 +267,9 @@ mod tests {
         assert_eq!(first["body"], "Zmlyc3QgAP8=");
         assert_eq!(json["inbox_epoch"], 7);
         assert_eq!(json["last_seq"], 42);
+        // What the smart heartbeat learned, readable by a person.
+        assert_eq!(json["networks"][0]["key"]["id"], "home-wifi");
+        assert_eq!(json["networks"][0]["known_good_ms"], 118_000);
     }
 
     #[test]

@@ -286,6 +286,7 @@ async fn sends_restored_from_the_state_file_are_resent_first_and_confirmed_by_ev
         last_seq: 20,
         device_epoch: 5,
         outbox: vec![left_over.clone()],
+        ..Default::default()
     }
     .save(&path)
     .unwrap();

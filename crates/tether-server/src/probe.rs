@@ -45,8 +45,11 @@ impl Default for ProbeLimits {
 /// Probe slots, one per (user, device).
 #[derive(Default)]
 pub struct Probes {
-    slots: Mutex<HashMap<(Box<str>, Box<str>), Slot>>,
+    slots: Mutex<HashMap<DeviceKey, Slot>>,
 }
+
+/// (user, device).
+type DeviceKey = (Box<str>, Box<str>);
 
 struct Slot {
     generation: u64,
@@ -59,7 +62,7 @@ struct Slot {
 /// The right to run one probe session; released when dropped.
 pub struct ProbeTicket {
     probes: Arc<Shared>,
-    key: (Box<str>, Box<str>),
+    key: DeviceKey,
     generation: u64,
     end: Arc<Notify>,
     pub(crate) interval: Duration,
@@ -83,7 +86,7 @@ impl Probes {
         if slots.len() > PRUNE_ABOVE {
             slots.retain(|_, s| s.active || now.duration_since(s.started) < gap);
         }
-        let key: (Box<str>, Box<str>) = (user.into(), device.into());
+        let key: DeviceKey = (user.into(), device.into());
         let generation = match slots.get(&key) {
             Some(s) if now.duration_since(s.started) < gap => {
                 return Err(Close::Overloaded {

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tether_client::smart::{ProbeMode, SmartConfig, SmartEventKind, SmartSettings};
-use tether_client::{Client, ClientConfig, ClientEvent, ClientHandle, DisconnectReason, TcpConnector};
+use tether_client::{
+    Client, ClientConfig, ClientEvent, ClientHandle, DisconnectReason, TcpConnector,
+};
 use tether_core::heartbeat::HeartbeatMode;
 use tether_lab::chart::{HLine, Series};
 use tether_lab::{Lab, LabSpec, RouterSpec};
@@ -78,7 +80,12 @@ pub fn run(args: LabArgs) -> std::process::ExitCode {
             Ok(report) => {
                 let failed: Vec<_> = report.checks.iter().filter(|c| !c.pass).collect();
                 for c in &report.checks {
-                    println!("{} {}: {}", if c.pass { "ok  " } else { "FAIL" }, c.name, c.detail);
+                    println!(
+                        "{} {}: {}",
+                        if c.pass { "ok  " } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    );
                 }
                 if failed.is_empty() {
                     std::process::ExitCode::SUCCESS
@@ -132,10 +139,9 @@ impl Report {
 fn run_scenario(args: &RunArgs) -> Result<Report, String> {
     tether_lab::require_root().map_err(|e| e.to_string())?;
     tether_lab::install_interrupt_cleanup();
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("lab-out/{}-{}", args.scenario, args.nat_timeout)));
+    let out = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("lab-out/{}-{}", args.scenario, args.nat_timeout))
+    });
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let env = Env::start(args, &out)?;
     let mut report = Report {
@@ -199,8 +205,18 @@ impl Env {
         let mut cmd = lab.command_in(lab.server_ns(), &exe);
         cmd.args(["serve", "--durability", "relaxed", "--data"])
             .arg(&data)
-            .args(["--listen", &format!("{ip}:{PORT}"), "--http", &format!("{ip}:{HTTP_PORT}")])
-            .args(["--heartbeat-min-ms", "1000", "--heartbeat-default-ms", "6000"])
+            .args([
+                "--listen",
+                &format!("{ip}:{PORT}"),
+                "--http",
+                &format!("{ip}:{HTTP_PORT}"),
+            ])
+            .args([
+                "--heartbeat-min-ms",
+                "1000",
+                "--heartbeat-default-ms",
+                "6000",
+            ])
             .args(["--pong-timeout-ms", &PONG.as_millis().to_string()])
             .args(["--max-misses", &MISSES.to_string()])
             .args(["--deadline-grace-ms", &GRACE.as_millis().to_string()])
@@ -209,7 +225,9 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
-        let server = cmd.spawn().map_err(|e| format!("cannot start the server: {e}"))?;
+        let server = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the server: {e}"))?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !data.join("jwt-secret").exists() {
             if Instant::now() > deadline {
@@ -267,8 +285,13 @@ impl Env {
         let records = Arc::new(Mutex::new(AgentLog::default()));
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let (clock, log, rec, stop2, label) =
-            (self.clock, self.log.clone(), records.clone(), stop.clone(), name.to_string());
+        let (clock, log, rec, stop2, label) = (
+            self.clock,
+            self.log.clone(),
+            records.clone(),
+            stop.clone(),
+            name.to_string(),
+        );
         let thread = self.lab.spawn_thread_in(ns, name, move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -332,18 +355,21 @@ impl Env {
 
     /// `tether_sessions_expired_total` from the server's /metrics.
     fn sessions_expired(&self) -> Option<u64> {
-        let h = self.lab.spawn_thread_in(self.lab.server_ns(), "metrics", || {
-            let mut s = std::net::TcpStream::connect((Lab::server_ip(), HTTP_PORT)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lab\r\n\r\n").ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            text.lines()
-                .find(|l| l.starts_with("tether_sessions_expired_total"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .map(|v| v as u64)
-        });
+        let h = self
+            .lab
+            .spawn_thread_in(self.lab.server_ns(), "metrics", || {
+                let mut s = std::net::TcpStream::connect((Lab::server_ip(), HTTP_PORT)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lab\r\n\r\n")
+                    .ok()?;
+                let mut text = String::new();
+                s.read_to_string(&mut text).ok()?;
+                text.lines()
+                    .find(|l| l.starts_with("tether_sessions_expired_total"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| v as u64)
+            });
         h.join().ok().flatten()
     }
 
@@ -351,7 +377,10 @@ impl Env {
         let w = |name: &str, bytes: &[u8]| {
             std::fs::write(self.out.join(name), bytes).map_err(|e| format!("{name}: {e}"))
         };
-        w("report.json", &serde_json::to_vec_pretty(report).unwrap_or_default())?;
+        w(
+            "report.json",
+            &serde_json::to_vec_pretty(report).unwrap_or_default(),
+        )?;
         let mut events = Vec::new();
         for e in self.log.lock().iter() {
             events.extend_from_slice(e.to_string().as_bytes());
@@ -374,7 +403,12 @@ impl Env {
         }
         md += "## Checks\n\n";
         for c in &report.checks {
-            md += &format!("- {} **{}**: {}\n", if c.pass { "✔" } else { "✘" }, c.name, c.detail);
+            md += &format!(
+                "- {} **{}**: {}\n",
+                if c.pass { "✔" } else { "✘" },
+                c.name,
+                c.detail
+            );
         }
         md += "\n## Numbers\n\n";
         for (k, v) in &report.numbers {
@@ -459,11 +493,22 @@ impl Agent {
     }
 
     fn count(&self, f: impl Fn(&ClientEvent) -> bool) -> usize {
-        self.records.lock().events.iter().filter(|(_, e)| f(e)).count()
+        self.records
+            .lock()
+            .events
+            .iter()
+            .filter(|(_, e)| f(e))
+            .count()
     }
 
     /// Waits until `f` matches an event (after `after`), up to `limit` seconds.
-    fn wait_for(&self, clock: Clock, after: f64, limit: f64, f: impl Fn(&ClientEvent) -> bool) -> Option<(f64, ClientEvent)> {
+    fn wait_for(
+        &self,
+        clock: Clock,
+        after: f64,
+        limit: f64,
+        f: impl Fn(&ClientEvent) -> bool,
+    ) -> Option<(f64, ClientEvent)> {
         let end = clock.t() + limit;
         loop {
             if let Some(hit) = self
@@ -516,9 +561,11 @@ impl Agent {
                     }
                     _ => {}
                 },
-                ClientEvent::Disconnected { reason, .. } => {
-                    marks.push((*t, points.last().map_or(0.0, |p| p.1), format!("lost: {reason}")))
-                }
+                ClientEvent::Disconnected { reason, .. } => marks.push((
+                    *t,
+                    points.last().map_or(0.0, |p| p.1),
+                    format!("lost: {reason}"),
+                )),
                 _ => {}
             }
         }
@@ -556,7 +603,9 @@ fn converged(e: &ClientEvent) -> Option<(u64, u32)> {
     match e {
         ClientEvent::Smart(s) => match s.kind {
             SmartEventKind::Converged {
-                interval_ms, probes, ..
+                interval_ms,
+                probes,
+                ..
             } => Some((interval_ms, probes)),
             _ => None,
         },
@@ -591,7 +640,11 @@ fn fixed(env: &Env, report: &mut Report) {
     cfg.heartbeat_interval = above;
     cfg.heartbeat_mode = HeartbeatMode::Fixed;
     let b = env.agent(env.lab.client_ns(), "fixed-above", cfg);
-    let pusher = env.agent(env.lab.server_ns(), "pusher", env.config("pusher", "server"));
+    let pusher = env.agent(
+        env.lab.server_ns(),
+        "pusher",
+        env.config("pusher", "server"),
+    );
     let up_b = b.wait_for(env.clock, 0.0, 10.0, connected).map(|x| x.0);
     let up_a = a.wait_for(env.clock, 0.0, 10.0, connected).map(|x| x.0);
     let (Some(up_a), Some(up_b)) = (up_a, up_b) else {
@@ -614,13 +667,21 @@ fn fixed(env: &Env, report: &mut Report) {
             report.num("above_detected_after_s", after);
             report.check(
                 "above T: network dead within I + m·P",
-                *reason == DisconnectReason::NetworkDead && after <= bound + 1.0 && after >= bound - 1.0,
-                format!("{reason} after {after:.2} s of silence; I + m·P = {bound:.1} s (margin 1 s)"),
+                *reason == DisconnectReason::NetworkDead
+                    && after <= bound + 1.0
+                    && after >= bound - 1.0,
+                format!(
+                    "{reason} after {after:.2} s of silence; I + m·P = {bound:.1} s (margin 1 s)"
+                ),
             );
             *t
         }
         _ => {
-            report.check("above T: network dead within I + m·P", false, "no disconnect seen");
+            report.check(
+                "above T: network dead within I + m·P",
+                false,
+                "no disconnect seen",
+            );
             f64::INFINITY
         }
     };
@@ -628,7 +689,10 @@ fn fixed(env: &Env, report: &mut Report) {
     report.check(
         "above T: reconnects at once",
         reconnect.is_some_and(|r| r - detail < 3.0),
-        format!("reconnected {:?} s after the verdict", reconnect.map(|r| r - detail)),
+        format!(
+            "reconnected {:?} s after the verdict",
+            reconnect.map(|r| r - detail)
+        ),
     );
     let got = b.received("after-the-mapping-died");
     report.check(
@@ -643,11 +707,22 @@ fn fixed(env: &Env, report: &mut Report) {
     report.check(
         "below T: survives many T",
         lost_a.is_empty(),
-        format!("{} disconnects over {:.0} s = {:.1} T", lost_a.len(), observe_until - up_a, (observe_until - up_a) / t_nat),
+        format!(
+            "{} disconnects over {:.0} s = {:.1} T",
+            lost_a.len(),
+            observe_until - up_a,
+            (observe_until - up_a) / t_nat
+        ),
     );
     report.series = vec![
-        a.interval_series(&format!("fixed {:.0} s", below.as_secs_f64()), Some(below.as_secs_f64())),
-        b.interval_series(&format!("fixed {:.0} s", above.as_secs_f64()), Some(above.as_secs_f64())),
+        a.interval_series(
+            &format!("fixed {:.0} s", below.as_secs_f64()),
+            Some(below.as_secs_f64()),
+        ),
+        b.interval_series(
+            &format!("fixed {:.0} s", above.as_secs_f64()),
+            Some(above.as_secs_f64()),
+        ),
     ];
     nat_line(report, t_nat, 0.0, env.clock.t());
 }
@@ -663,7 +738,11 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
         env.lab.set_loss(0, loss).expect("loss");
     }
     let c = env.agent(env.lab.client_ns(), "smart", cfg);
-    let pusher = env.agent(env.lab.server_ns(), "pusher", env.config("pusher", "server"));
+    let pusher = env.agent(
+        env.lab.server_ns(),
+        "pusher",
+        env.config("pusher", "server"),
+    );
     let Some((up, _)) = c.wait_for(env.clock, 0.0, 10.0, connected) else {
         report.check("connected", false, "no connection");
         return;
@@ -688,7 +767,11 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
         env.lab.set_loss(0, 0).expect("loss off");
     }
     let Some((t_conv, e)) = conv else {
-        report.check("converges", false, format!("no convergence within {limit:.0} s"));
+        report.check(
+            "converges",
+            false,
+            format!("no convergence within {limit:.0} s"),
+        );
         return;
     };
     let (interval_ms, probes) = converged(&e).unwrap();
@@ -703,12 +786,22 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
     report.check(
         "converges within 10 % below T",
         interval >= 0.9 * t_nat && interval < t_nat,
-        format!("interval {interval:.2} s for T = {t_nat} s ({:.1} %)", 100.0 * interval / t_nat),
+        format!(
+            "interval {interval:.2} s for T = {t_nat} s ({:.1} %)",
+            100.0 * interval / t_nat
+        ),
     );
     report.check(
         "in ≤ 10 probes",
         loss > 0 || probes <= 10,
-        format!("{probes} probes ({discards} discarded and not counted){}", if loss > 0 { " — not required under loss" } else { "" }),
+        format!(
+            "{probes} probes ({discards} discarded and not counted){}",
+            if loss > 0 {
+                " — not required under loss"
+            } else {
+                ""
+            }
+        ),
     );
     // Pushes during learning arrive within RTT + margin (the main link stays warm).
     std::thread::sleep(Duration::from_secs(1));
@@ -726,7 +819,12 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
     report.check(
         "messages pushed while learning arrive at once",
         missing == 0 && worst <= margin,
-        format!("{} pushes, {missing} missing or duplicated, worst latency {:.0} ms (bound {:.0} ms)", pushes.len(), worst * 1000.0, margin * 1000.0),
+        format!(
+            "{} pushes, {missing} missing or duplicated, worst latency {:.0} ms (bound {:.0} ms)",
+            pushes.len(),
+            worst * 1000.0,
+            margin * 1000.0
+        ),
     );
     // Hold: ≥ 10 intervals at the learned value with no NAT drop.
     let hold_end = t_conv + 10.5 * interval;
@@ -746,15 +844,20 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
 
 /// Must-show 4: two networks with different T; switching back reuses what was learned.
 fn switch(env: &Env, report: &mut Report) {
-    let (t0, t1) = (env.lab.nat_timeout(0).as_secs_f64(), env.lab.nat_timeout(1).as_secs_f64());
+    let (t0, t1) = (
+        env.lab.nat_timeout(0).as_secs_f64(),
+        env.lab.nat_timeout(1).as_secs_f64(),
+    );
     let mut cfg = env.config("roamer", "phone");
     cfg.smart_heartbeat = Some(env.smart_settings(ProbeMode::Side));
     cfg.network_id = "net-0".into();
     let c = env.agent(env.lab.client_ns(), "roamer", cfg);
     let rt = root_rt();
     let learn = |after: f64, t_nat: f64| {
-        c.wait_for(env.clock, after, 30.0 * t_nat + 120.0, |e| converged(e).is_some())
-            .map(|(t, e)| (t, converged(&e).unwrap().0 as f64 / 1000.0))
+        c.wait_for(env.clock, after, 30.0 * t_nat + 120.0, |e| {
+            converged(e).is_some()
+        })
+        .map(|(t, e)| (t, converged(&e).unwrap().0 as f64 / 1000.0))
     };
     let Some((c0, i0)) = learn(0.0, t0) else {
         report.check("learns network 0", false, "no convergence");
@@ -795,7 +898,11 @@ fn switch(env: &Env, report: &mut Report) {
     };
     let mut ok = true;
     let mut details = Vec::new();
-    for (router, id, expect, t_nat) in [(0, "net-0", i0, t0), (1, "net-1", i1, t1), (0, "net-0", i0, t0)] {
+    for (router, id, expect, t_nat) in [
+        (0, "net-0", i0, t0),
+        (1, "net-1", i1, t1),
+        (0, "net-0", i0, t0),
+    ] {
         std::thread::sleep(Duration::from_secs_f64(2.0 * expect));
         let at = go(router, id);
         let sw = switched(at);
@@ -809,7 +916,9 @@ fn switch(env: &Env, report: &mut Report) {
             .filter(|(t, e)| *t >= at && matches!(e, ClientEvent::Smart(s) if matches!(s.kind, SmartEventKind::ProbeStarted { .. })))
             .count();
         let lost = c.disconnects(at + 1.0, env.clock.t());
-        let good = sw.is_some_and(|(_, i, r)| r && (i - expect).abs() < 0.001) && probes == 0 && lost.is_empty();
+        let good = sw.is_some_and(|(_, i, r)| r && (i - expect).abs() < 0.001)
+            && probes == 0
+            && lost.is_empty();
         ok &= good;
         details.push(format!(
             "to {id} (T {t_nat} s): interval {:?} s at once (learned {expect:.2}), {probes} new probes, {} losses",
@@ -817,7 +926,11 @@ fn switch(env: &Env, report: &mut Report) {
             lost.len()
         ));
     }
-    report.check("switching back and forth reuses each learned value immediately", ok, details.join("; "));
+    report.check(
+        "switching back and forth reuses each learned value immediately",
+        ok,
+        details.join("; "),
+    );
     report.check(
         "each network learned within 10 % below its T",
         i0 >= 0.9 * t0 && i0 < t0 && i1 >= 0.9 * t1 && i1 < t1,
@@ -840,7 +953,11 @@ fn blackhole(env: &Env, report: &mut Report) {
     let mut cfg = env.config("cut", "phone");
     cfg.heartbeat_interval = interval;
     let c = env.agent(env.lab.client_ns(), "cut", cfg);
-    let pusher = env.agent(env.lab.server_ns(), "pusher", env.config("pusher", "server"));
+    let pusher = env.agent(
+        env.lab.server_ns(),
+        "pusher",
+        env.config("pusher", "server"),
+    );
     let Some((up, _)) = c.wait_for(env.clock, 0.0, 10.0, connected) else {
         report.check("connected", false, "no connection");
         return;
@@ -873,7 +990,9 @@ fn blackhole(env: &Env, report: &mut Report) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let dead = c.wait_for(env.clock, cut, 1.0, |e| matches!(e, ClientEvent::Disconnected { .. }));
+    let dead = c.wait_for(env.clock, cut, 1.0, |e| {
+        matches!(e, ClientEvent::Disconnected { .. })
+    });
     match &dead {
         Some((t, ClientEvent::Disconnected { reason, .. })) => {
             let after = t - last_rx;
@@ -897,45 +1016,74 @@ fn blackhole(env: &Env, report: &mut Report) {
                 format!("expired {after:.2} s after the client's last traffic; deadline I + m·P + grace = {:.1} s", bound + GRACE.as_secs_f64()),
             );
         }
-        None => report.check("server drops the half-open session within its deadline", false, "never expired"),
+        None => report.check(
+            "server drops the half-open session within its deadline",
+            false,
+            "never expired",
+        ),
     }
     std::thread::sleep(Duration::from_secs(3));
     env.lab.blackhole(0, false).expect("restore");
     let restored = env.clock.t();
-    let back = c.wait_for(env.clock, restored, 10.0, connected).map(|x| x.0);
+    let back = c
+        .wait_for(env.clock, restored, 10.0, connected)
+        .map(|x| x.0);
     std::thread::sleep(Duration::from_secs(2));
-    let got: Vec<String> = c.records.lock().received.iter().map(|r| r.2.clone()).collect();
+    let got: Vec<String> = c
+        .records
+        .lock()
+        .received
+        .iter()
+        .map(|r| r.2.clone())
+        .collect();
     let expected: Vec<String> = (0..5).map(|i| format!("during-outage-{i}")).collect();
     report.check(
         "after the link returns: everything once, in order",
         back.is_some() && got == expected,
-        format!("reconnected {:?} s after the link returned; received {got:?}", back.map(|b| b - restored)),
+        format!(
+            "reconnected {:?} s after the link returned; received {got:?}",
+            back.map(|b| b - restored)
+        ),
     );
     report.series = vec![c.interval_series("idle 5 s", Some(interval.as_secs_f64()))];
-    nat_line(report, env.lab.nat_timeout(0).as_secs_f64(), 0.0, env.clock.t());
+    nat_line(
+        report,
+        env.lab.nat_timeout(0).as_secs_f64(),
+        0.0,
+        env.clock.t(),
+    );
 }
 
 /// A Mars-like crawl on the main connection (DESIGN §5, scaled): start 210 s, +60 s
 /// after 3 successes, −80 s after 2 failures.
 fn mars(env: &Env, c: &Agent, rt: &tokio::runtime::Runtime, until: f64) {
     let s = |secs: f64| Duration::from_secs_f64(secs * SCALE);
-    let (mut interval, step_up, step_down, floor, cap) = (s(210.0), s(60.0), s(80.0), s(60.0), s(890.0));
+    let (mut interval, step_up, step_down, floor, cap) =
+        (s(210.0), s(60.0), s(80.0), s(60.0), s(890.0));
     let (mut ok, mut failed, mut seen) = (0, 0, 0);
     while env.clock.t() < until {
         std::thread::sleep(Duration::from_millis(100));
-        let events: Vec<ClientEvent> = c.records.lock().events[seen..].iter().map(|x| x.1.clone()).collect();
+        let events: Vec<ClientEvent> = c.records.lock().events[seen..]
+            .iter()
+            .map(|x| x.1.clone())
+            .collect();
         seen += events.len();
         let before = interval;
         for e in events {
             match e {
-                ClientEvent::Pong { probe: false, idle, .. } if idle >= interval.mul_f64(0.95) => {
+                ClientEvent::Pong {
+                    probe: false, idle, ..
+                } if idle >= interval.mul_f64(0.95) => {
                     ok += 1;
                     if ok == 3 {
                         (ok, failed) = (0, 0);
                         interval = (interval + step_up).min(cap);
                     }
                 }
-                ClientEvent::Disconnected { reason: DisconnectReason::NetworkDead, .. } => {
+                ClientEvent::Disconnected {
+                    reason: DisconnectReason::NetworkDead,
+                    ..
+                } => {
                     failed += 1;
                     ok = 0;
                     if failed == 2 {
@@ -950,7 +1098,10 @@ fn mars(env: &Env, c: &Agent, rt: &tokio::runtime::Runtime, until: f64) {
             let h = c.handle.clone();
             rt.block_on(async move { h.set_heartbeat_interval(interval).await });
             let t = env.clock.t();
-            c.records.lock().set_intervals.push((t, interval.as_secs_f64()));
+            c.records
+                .lock()
+                .set_intervals
+                .push((t, interval.as_secs_f64()));
         }
     }
 }
@@ -971,7 +1122,11 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
         }
         agents.insert(name, env.agent(env.lab.client_ns(), name, cfg));
     }
-    let pusher = env.agent(env.lab.server_ns(), "pusher", env.config("pusher", "server"));
+    let pusher = env.agent(
+        env.lab.server_ns(),
+        "pusher",
+        env.config("pusher", "server"),
+    );
     for a in agents.values() {
         a.wait_for(env.clock, 0.0, 10.0, connected);
     }
@@ -998,9 +1153,17 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
     std::thread::sleep(Duration::from_secs(3));
     let day = 86_400.0 * SCALE;
     report.table.push(
-        ["strategy", "heartbeats per scaled day", "final interval (s)", "time to converge (s)", "main connections lost", "messages delayed > 1 s", "worst delay (s)"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "strategy",
+            "heartbeats per scaled day",
+            "final interval (s)",
+            "time to converge (s)",
+            "main connections lost",
+            "messages delayed > 1 s",
+            "worst delay (s)",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     for name in strategies {
         let a = &agents[name];
@@ -1027,7 +1190,10 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
             }
         }
         let per_day = pings as f64 * day / duration.as_secs_f64();
-        report.num(&format!("{name}_heartbeats_per_scaled_day"), per_day.round());
+        report.num(
+            &format!("{name}_heartbeats_per_scaled_day"),
+            per_day.round(),
+        );
         report.num(&format!("{name}_main_lost"), lost as u64);
         report.num(&format!("{name}_delayed"), delayed as u64);
         report.num(&format!("{name}_final_interval_s"), final_interval);
@@ -1049,7 +1215,9 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
         side_lost == 0 && side_delayed == 0,
         format!("{side_lost} lost, {side_delayed} delayed"),
     );
-    let side_final = report.numbers["smart-side_final_interval_s"].as_f64().unwrap_or(0.0);
+    let side_final = report.numbers["smart-side_final_interval_s"]
+        .as_f64()
+        .unwrap_or(0.0);
     report.check(
         "smart converged within 10 % below T",
         side_final >= 0.9 * t_nat && side_final < t_nat,

@@ -9,8 +9,8 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
-mod lab;
 mod client_cmds;
+mod lab;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;

@@ -28,8 +28,12 @@ fn scenario(name: &str, args: &[&str]) -> Value {
         .expect("run tether lab");
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    let report = std::fs::read(out.join("report.json"))
-        .unwrap_or_else(|e| panic!("{name}: no report ({e}); stdout:\n{stdout}\nstderr tail:\n{}", tail(&stderr)));
+    let report = std::fs::read(out.join("report.json")).unwrap_or_else(|e| {
+        panic!(
+            "{name}: no report ({e}); stdout:\n{stdout}\nstderr tail:\n{}",
+            tail(&stderr)
+        )
+    });
     let report: Value = serde_json::from_slice(&report).expect("report.json");
     for check in report["checks"].as_array().expect("checks") {
         assert!(
@@ -40,7 +44,11 @@ fn scenario(name: &str, args: &[&str]) -> Value {
             out.display()
         );
     }
-    assert!(run.status.success(), "{name}: exit {:?}\n{stdout}", run.status);
+    assert!(
+        run.status.success(),
+        "{name}: exit {:?}\n{stdout}",
+        run.status
+    );
     assert!(out.join("chart.svg").exists() && out.join("report.md").exists());
     report
 }
@@ -113,7 +121,13 @@ fn comparison_of_fixed_mars_like_and_smart_heartbeats_on_one_nat() {
     let r = scenario("compare", &["--nat-timeout", "25", "--duration", "480"]);
     let smart = num(&r, "smart-side_heartbeats_per_scaled_day");
     let fixed = num(&r, "fixed-30s_heartbeats_per_scaled_day");
-    assert!(smart < fixed, "smart {smart} vs fixed {fixed} heartbeats per day");
+    assert!(
+        smart < fixed,
+        "smart {smart} vs fixed {fixed} heartbeats per day"
+    );
     assert_eq!(num(&r, "smart-side_main_lost"), 0.0);
-    assert!(num(&r, "mars-like_main_lost") >= 1.0, "the crawl loses its main link on failed probes");
+    assert!(
+        num(&r, "mars-like_main_lost") >= 1.0,
+        "the crawl loses its main link on failed probes"
+    );
 }
