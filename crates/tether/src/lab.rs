@@ -540,7 +540,7 @@ impl Agent {
 
     /// The main connection's interval over time, from connects and smart decisions
     /// (a step line for the chart), and failures to mark.
-    fn interval_series(&self, label: &str, fixed: Option<f64>) -> Series {
+    fn interval_series(&self, label: &str, fixed: Option<f64>, end: f64) -> Series {
         let mut points = Vec::new();
         let mut marks = Vec::new();
         for (t, e) in &self.records.lock().events {
@@ -573,6 +573,10 @@ impl Agent {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         if let Some(v) = fixed {
             points = vec![(0.0, v)];
+        }
+        // The step line runs to the end of the run.
+        if let Some(&(_, last)) = points.last() {
+            points.push((end, last));
         }
         Series {
             label: label.into(),
@@ -718,10 +722,12 @@ fn fixed(env: &Env, report: &mut Report) {
         a.interval_series(
             &format!("fixed {:.0} s", below.as_secs_f64()),
             Some(below.as_secs_f64()),
+            env.clock.t(),
         ),
         b.interval_series(
             &format!("fixed {:.0} s", above.as_secs_f64()),
             Some(above.as_secs_f64()),
+            env.clock.t(),
         ),
     ];
     nat_line(report, t_nat, 0.0, env.clock.t());
@@ -838,7 +844,7 @@ fn smart(env: &Env, report: &mut Report, loss: u8) {
         lost.is_empty(),
         format!("{} disconnects: {lost:?}", lost.len()),
     );
-    report.series = vec![c.interval_series("smart (side probe)", None)];
+    report.series = vec![c.interval_series("smart (side probe)", None, env.clock.t())];
     nat_line(report, t_nat, 0.0, env.clock.t());
 }
 
@@ -937,7 +943,7 @@ fn switch(env: &Env, report: &mut Report) {
         format!("net-0: {i0:.2} s of {t0} s; net-1: {i1:.2} s of {t1} s"),
     );
     let end = env.clock.t();
-    report.series = vec![c.interval_series("smart, roaming", None)];
+    report.series = vec![c.interval_series("smart, roaming", None, env.clock.t())];
     for (i, (from, t)) in segments.iter().enumerate() {
         let to = segments.get(i + 1).map_or(end, |s| s.0);
         nat_line(report, *t, *from, to);
@@ -1045,7 +1051,8 @@ fn blackhole(env: &Env, report: &mut Report) {
             back.map(|b| b - restored)
         ),
     );
-    report.series = vec![c.interval_series("idle 5 s", Some(interval.as_secs_f64()))];
+    report.series =
+        vec![c.interval_series("idle 5 s", Some(interval.as_secs_f64()), env.clock.t())];
     nat_line(
         report,
         env.lab.nat_timeout(0).as_secs_f64(),
@@ -1169,9 +1176,18 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
         let a = &agents[name];
         let pings = a.count(|e| matches!(e, ClientEvent::Ping { .. }));
         let lost = a.disconnects(start, end).len();
-        let series = a.interval_series(name, if name == "fixed-30s" { Some(6.0) } else { None });
+        let series = a.interval_series(
+            name,
+            if name == "fixed-30s" { Some(6.0) } else { None },
+            env.clock.t(),
+        );
+        // The last point is the end of the run; the one before it the last change.
         let final_interval = series.points.last().map_or(0.0, |p| p.1);
-        let settled = series.points.last().map_or(0.0, |p| (p.0 - start).max(0.0));
+        let last_change = series.points.len().saturating_sub(2);
+        let settled = series
+            .points
+            .get(last_change)
+            .map_or(0.0, |p| (p.0 - start).max(0.0));
         let converge = match name {
             "fixed-30s" => "0 (never learns)".to_string(),
             "mars-like" if final_interval >= t_nat => format!("not converged ({settled:.0})"),
