@@ -131,19 +131,10 @@ struct Smart {
     generation: u64,
     results_tx: mpsc::Sender<(u64, SideResult)>,
     results_rx: mpsc::Receiver<(u64, SideResult)>,
-    /// A side probe's PING went unacknowledged; the main link is being asked whether
-    /// it answers (the attribution rule).
-    attributing: Option<Attributing>,
     /// The main link died on its first PING after a full idle: counted only if the
     /// reconnect succeeds at once (else it was an outage). (idle, when, at the
     /// candidate under test in main mode).
     main_failure: Option<(Duration, Instant, bool)>,
-}
-
-struct Attributing {
-    idle: Duration,
-    ping_at: Instant,
-    until: Instant,
 }
 
 type Attempt = Pin<Box<dyn Future<Output = Result<Handshake, AttemptError>> + Send>>;
@@ -267,7 +258,7 @@ impl Driver {
             );
             config.heartbeat_interval =
                 engine.switch_network(network_key(&config.network_id), now());
-            let (results_tx, results_rx) = mpsc::channel(1);
+            let (results_tx, results_rx) = mpsc::channel(4);
             Box::new(Smart {
                 engine,
                 mode: settings.probe,
@@ -275,7 +266,6 @@ impl Driver {
                 generation: 0,
                 results_tx,
                 results_rx,
-                attributing: None,
                 main_failure: None,
             })
         });
@@ -537,7 +527,6 @@ impl Driver {
             side.abort();
         }
         smart.generation += 1;
-        smart.attributing = None;
         smart.main_failure = None;
         smart
             .engine
@@ -548,35 +537,17 @@ impl Driver {
     /// When the smart heartbeat next needs the timer.
     fn smart_deadline(&self) -> Option<Instant> {
         let smart = self.smart.as_ref()?;
-        if let Some(a) = &smart.attributing {
-            return Some(a.until);
-        }
         if !matches!(self.link, Link::Up(_)) || smart.side.is_some() {
             return None;
         }
         smart.engine.next_probe_at()
     }
 
-    /// Ends an attribution that got no answer; starts the next probe when one is due.
+    /// Starts the next probe when one is due.
     fn smart_tick(&mut self, now: Instant) {
         let Some(smart) = self.smart.as_mut() else {
             return;
         };
-        if let Some(a) = &smart.attributing {
-            if a.until <= now {
-                smart.attributing = None;
-                smart.engine.on_probe_result(
-                    now,
-                    ProbeOutcome::Discarded {
-                        reason:
-                            "probe PING unacknowledged, but the main link did not answer either"
-                                .into(),
-                    },
-                );
-                self.smart_apply();
-            }
-            return;
-        }
         let Link::Up(conn) = &self.link else {
             return;
         };
@@ -605,6 +576,8 @@ impl Driver {
             };
             debug!(candidate = ?candidate, "side probe starts");
             let probe = side_probe(
+                smart.results_tx.clone(),
+                smart.generation,
                 self.config.connector.clone(),
                 conn.info.server.clone(),
                 hello,
@@ -622,7 +595,9 @@ impl Driver {
         self.smart_apply();
     }
 
-    /// A side probe finished: apply the attribution rule, then learn.
+    /// A side probe reports: its PING leaves now (the main link PINGs along, so the
+    /// two face the same network in the same period), or it finished: apply the
+    /// attribution rule, then learn.
     fn on_side_result(&mut self, generation: u64, result: SideResult) {
         let at = now();
         let Some(smart) = self.smart.as_mut() else {
@@ -631,7 +606,22 @@ impl Driver {
         if generation != smart.generation {
             return;
         }
+        if let SideResult::PingLeaving = result {
+            if let Link::Up(conn) = &mut self.link {
+                let next_interval_ms = conn
+                    .heartbeat
+                    .pending_next_interval()
+                    .map_or(0, duration_ms_u32);
+                if conn.silence_ping.is_none() {
+                    let silent = at.saturating_duration_since(conn.last_tx.max(conn.last_rx));
+                    conn.silence_ping = Some((at, silent, conn.heartbeat.interval()));
+                }
+                self.send_frame(&Frame::Ping(pb::Ping { next_interval_ms }));
+            }
+            return;
+        }
         smart.side = None;
+        let period = self.config.pong_timeout;
         let mut pinged = None;
         let outcome = match result {
             SideResult::Answered { idle, rtt } => {
@@ -640,36 +630,22 @@ impl Driver {
             }
             SideResult::Unacked { idle, ping_at } => {
                 pinged = Some((idle, None));
-                match &mut self.link {
-                    Link::Up(conn) if conn.last_pong.is_some_and(|t| t > ping_at) => {
-                        ProbeOutcome::Failure { idle }
+                // The main link's companion PING left with the probe's; it must
+                // have been answered within the probe's own pong timeout.
+                let main_answered = matches!(&self.link, Link::Up(conn)
+                    if conn.last_pong.is_some_and(|t| t > ping_at && t <= ping_at + period));
+                if main_answered {
+                    ProbeOutcome::Failure { idle }
+                } else {
+                    ProbeOutcome::Discarded {
+                        reason: "probe PING unacknowledged, but the main link did not answer \
+                                 in the same period either"
+                            .into(),
                     }
-                    Link::Up(conn) => {
-                        // Ask the main link now; its answer decides (smart_main_ponged).
-                        smart.attributing = Some(Attributing {
-                            idle,
-                            ping_at,
-                            until: at + self.config.pong_timeout,
-                        });
-                        let next_interval_ms = conn
-                            .heartbeat
-                            .pending_next_interval()
-                            .map_or(0, duration_ms_u32);
-                        if conn.silence_ping.is_none() {
-                            let silent =
-                                at.saturating_duration_since(conn.last_tx.max(conn.last_rx));
-                            conn.silence_ping = Some((at, silent, conn.heartbeat.interval()));
-                        }
-                        self.send_frame(&Frame::Ping(pb::Ping { next_interval_ms }));
-                        self.emit(ClientEvent::Ping { probe: true, idle });
-                        return;
-                    }
-                    _ => ProbeOutcome::Discarded {
-                        reason: "probe PING unacknowledged while the main link was down".into(),
-                    },
                 }
             }
             SideResult::Inconclusive(reason) => ProbeOutcome::Discarded { reason },
+            SideResult::PingLeaving => return,
         };
         smart.engine.on_probe_result(at, outcome);
         if let Some((idle, rtt)) = pinged {
@@ -682,20 +658,6 @@ impl Driver {
                 });
             }
         }
-        self.smart_apply();
-    }
-
-    /// A PONG arrived on the main link: it settles a pending attribution.
-    fn smart_main_ponged(&mut self, at: Instant) {
-        let Some(smart) = self.smart.as_mut() else {
-            return;
-        };
-        let Some(a) = smart.attributing.take_if(|a| at > a.ping_at) else {
-            return;
-        };
-        smart
-            .engine
-            .on_probe_result(at, ProbeOutcome::Failure { idle: a.idle });
         self.smart_apply();
     }
 
@@ -1154,7 +1116,6 @@ impl Driver {
                         self.smart_main_answered(idle);
                     }
                 }
-                self.smart_main_ponged(at);
             }
             Frame::SyncDone(s) => self.on_sync_done(s),
             Frame::Kick(k) => self.on_kick(k),

@@ -7,9 +7,10 @@
 //!   known-good interval, so learning never costs it. **Attribution rule:** a probe
 //!   fails only if its PING was never ACKed by the server's kernel (TCP_INFO
 //!   `unacked > 0` after the pong timeout) while the main connection answered in the
-//!   same period; the driver checks the second half, asking the main connection with a
-//!   PING of its own if it has been quiet. Anything else (loss that TCP could not repair
-//!   in time, an outage, a server that ACKs but does not answer) is discarded.
+//!   same period. So the main connection PINGs at the moment the probe does, and must
+//!   have its PONG within the probe's pong timeout: both face the same network at the
+//!   same time. Anything else (loss that TCP could not repair in time, an outage that
+//!   swallowed both PINGs, a server that ACKs but does not answer) is discarded.
 //! - **Main**: the main connection itself runs at the candidate (as Mars does). A PONG
 //!   after a full idle is a success; the link dying of *network dead* on the first
 //!   PING after a full idle is a failure, and costs a reconnect.
@@ -52,9 +53,11 @@ pub struct SmartSettings {
 /// share of the interval in force (received frames shorten the NAT's idle time too).
 pub(crate) const FULL_IDLE: f64 = 0.95;
 
-/// What a side probe saw, before the attribution rule.
+/// What a side probe reports, before the attribution rule.
 #[derive(Debug)]
 pub(crate) enum SideResult {
+    /// Its PING leaves now (sent before the PING, so the main link can PING along).
+    PingLeaving,
     /// The PING after `idle` of silence was answered after `rtt`.
     Answered { idle: Duration, rtt: Duration },
     /// The PING after `idle` was still unacknowledged by the server's kernel a pong
@@ -66,6 +69,8 @@ pub(crate) enum SideResult {
 
 /// Opens a probe session, stays silent for `candidate`, PINGs, and reports.
 pub(crate) async fn side_probe(
+    report: tokio::sync::mpsc::Sender<(u64, SideResult)>,
+    generation: u64,
     connector: Arc<dyn Connector>,
     server: String,
     hello: pb::Hello,
@@ -105,6 +110,7 @@ pub(crate) async fn side_probe(
         Ok(Ok(None)) => return Inconclusive("the server closed the probe".into()),
         Ok(Err(e)) => return Inconclusive(format!("probe connection failed while idle: {e}")),
     }
+    let _ = report.try_send((generation, SideResult::PingLeaving));
     let ping_at = Instant::now();
     let idle = ping_at - quiet_from;
     if let Err(e) = t.send(&Frame::Ping(pb::Ping::default())) {
