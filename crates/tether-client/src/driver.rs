@@ -17,7 +17,8 @@ use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::inbox::{Handoff, InboxCursor, WelcomeCheck};
 use crate::outbox::Outbox;
 use crate::smart::{
-    FULL_IDLE, NetworkKey, ProbeMode, ProbeOutcome, SideResult, SmartHeartbeat, side_probe,
+    FULL_IDLE, NetworkKey, ProbeMode, ProbeOutcome, SideProbe, SideResult, SmartHeartbeat,
+    side_probe,
 };
 use crate::state::{ClientMsgId, PendingSend, StateFile, write_atomic};
 use rand::rngs::StdRng;
@@ -575,16 +576,16 @@ impl Driver {
                 probe: true,
             };
             debug!(candidate = ?candidate, "side probe starts");
-            let probe = side_probe(
-                smart.results_tx.clone(),
-                smart.generation,
-                self.config.connector.clone(),
-                conn.info.server.clone(),
+            let probe = side_probe(SideProbe {
+                report: smart.results_tx.clone(),
+                generation: smart.generation,
+                connector: self.config.connector.clone(),
+                server: conn.info.server.clone(),
                 hello,
                 candidate,
-                self.config.pong_timeout,
-                self.config.connect_timeout,
-            );
+                pong_timeout: self.config.pong_timeout,
+                connect_timeout: self.config.connect_timeout,
+            });
             let results = smart.results_tx.clone();
             let generation = smart.generation;
             smart.side = Some(tokio::spawn(async move {

@@ -67,18 +67,32 @@ pub(crate) enum SideResult {
     Inconclusive(String),
 }
 
+/// One side probe to run.
+pub(crate) struct SideProbe {
+    /// Where to announce that the PING leaves ([`SideResult::PingLeaving`]).
+    pub report: tokio::sync::mpsc::Sender<(u64, SideResult)>,
+    pub generation: u64,
+    pub connector: Arc<dyn Connector>,
+    pub server: String,
+    pub hello: pb::Hello,
+    pub candidate: Duration,
+    pub pong_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
 /// Opens a probe session, stays silent for `candidate`, PINGs, and reports.
-pub(crate) async fn side_probe(
-    report: tokio::sync::mpsc::Sender<(u64, SideResult)>,
-    generation: u64,
-    connector: Arc<dyn Connector>,
-    server: String,
-    hello: pb::Hello,
-    candidate: Duration,
-    pong_timeout: Duration,
-    connect_timeout: Duration,
-) -> SideResult {
+pub(crate) async fn side_probe(p: SideProbe) -> SideResult {
     use SideResult::Inconclusive;
+    let SideProbe {
+        report,
+        generation,
+        connector,
+        server,
+        hello,
+        candidate,
+        pong_timeout,
+        connect_timeout,
+    } = p;
     let mut t = match tokio::time::timeout(connect_timeout, connector.connect_probe(&server)).await
     {
         Ok(Ok(t)) => t,
