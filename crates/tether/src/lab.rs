@@ -1154,7 +1154,10 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
     for name in strategies {
         let mut cfg = env.config(name, "phone");
         match name {
-            "fixed-30s" => cfg.heartbeat_interval = Duration::from_secs_f64(30.0 * SCALE),
+            "fixed-30s" => {
+                cfg.heartbeat_interval = Duration::from_secs_f64(30.0 * SCALE);
+                cfg.heartbeat_mode = HeartbeatMode::Fixed;
+            }
             "mars-like" => cfg.heartbeat_interval = Duration::from_secs_f64(210.0 * SCALE),
             "smart-side" => cfg.smart_heartbeat = Some(env.smart_settings(ProbeMode::Side)),
             _ => cfg.smart_heartbeat = Some(env.smart_settings(ProbeMode::Main)),
@@ -1171,20 +1174,26 @@ fn compare(env: &Env, report: &mut Report, duration: Duration) {
     }
     let start = env.clock.t();
     let end = start + duration.as_secs_f64();
-    // Mars' controller on its own thread; pushes from here every ~9 s to everyone.
+    // Mars' controller on its own thread. Each client gets a push every 60 s (a real
+    // 5 min: rare enough that the heartbeat, not the traffic, keeps the mapping),
+    // staggered by 15 s.
     let mars_agent = agents.remove("mars-like").unwrap();
     let mut pushes = Vec::new();
     std::thread::scope(|s| {
         s.spawn(|| mars(env, &mars_agent, &root_rt(), end));
         let mut n = 0;
-        while env.clock.t() < end - 5.0 {
+        'outer: loop {
             n += 1;
-            for name in strategies {
+            for (k, name) in strategies.iter().enumerate() {
+                let at = start + 60.0 * f64::from(n) + 15.0 * k as f64;
+                if at > end - 5.0 {
+                    break 'outer;
+                }
+                env.sleep_until(at);
                 let body = format!("{name}-{n}");
                 let t = env.push(&rt, &pusher, name, &body);
-                pushes.push((name, t, body));
+                pushes.push((*name, t, body));
             }
-            std::thread::sleep(Duration::from_secs(9));
         }
         env.sleep_until(end);
     });
