@@ -543,22 +543,38 @@ impl Agent {
     fn interval_series(&self, label: &str, fixed: Option<f64>, end: f64) -> Series {
         let mut points = Vec::new();
         let mut marks = Vec::new();
-        for (t, e) in &self.records.lock().events {
+        let log = self.records.lock();
+        let events = &log.events;
+        let smart = events
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::Smart(_)));
+        let main_probe = label.contains("main");
+        let mut run = 0.0;
+        for (t, e) in events {
             match e {
-                ClientEvent::Connected(info) if fixed.is_none() => {
+                // Without a smart heartbeat the interval is the one each session got.
+                ClientEvent::Connected(info) if fixed.is_none() && !smart => {
                     points.push((*t, info.heartbeat_interval.as_secs_f64()))
                 }
                 ClientEvent::Smart(s) => match &s.kind {
                     SmartEventKind::IntervalChanged { interval_ms, .. }
                     | SmartEventKind::Switched { interval_ms, .. } => {
-                        points.push((*t, *interval_ms as f64 / 1000.0))
+                        run = *interval_ms as f64 / 1000.0;
+                        points.push((*t, run))
+                    }
+                    // Probing on the main connection runs it at the candidate.
+                    SmartEventKind::ProbeStarted { candidate_ms } if main_probe => {
+                        points.push((*t, *candidate_ms as f64 / 1000.0))
                     }
                     SmartEventKind::ProbeFailed { candidate_ms, .. } => {
-                        marks.push((*t, *candidate_ms as f64 / 1000.0, "probe failed".into()))
+                        marks.push((*t, *candidate_ms as f64 / 1000.0, "probe failed".into()));
+                        points.push((*t, run));
                     }
                     SmartEventKind::ProbeSucceeded { candidate_ms, .. } => {
-                        marks.push((*t, *candidate_ms as f64 / 1000.0, "probe ok".into()))
+                        marks.push((*t, *candidate_ms as f64 / 1000.0, "probe ok".into()));
+                        points.push((*t, run));
                     }
+                    SmartEventKind::ProbeDiscarded { .. } => points.push((*t, run)),
                     _ => {}
                 },
                 ClientEvent::Disconnected { reason, .. } => marks.push((
@@ -569,7 +585,7 @@ impl Agent {
                 _ => {}
             }
         }
-        points.extend(self.records.lock().set_intervals.iter().copied());
+        points.extend(log.set_intervals.iter().copied());
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         if let Some(v) = fixed {
             points = vec![(0.0, v)];
