@@ -9,6 +9,8 @@
 //! - [`diagnosis`]: why a heartbeat failed, from TCP_INFO.
 //! - [`backoff`]: capped exponential reconnect backoff with full jitter.
 //! - [`inbox`]: the client's cursor: each entry handed to the app once, in order.
+//! - [`outbox`]: the send side of QoS: order, retransmission after `ack_timeout`, the
+//!   offline window, the dedup-window limit, the bound (DESIGN §6).
 //! - [`smart`]: the smart heartbeat: per network, the longest interval the NAT allows
 //!   (DESIGN §5).
 
@@ -17,4 +19,5 @@ pub mod backoff;
 pub mod diagnosis;
 pub mod heartbeat;
 pub mod inbox;
+pub mod outbox;
 pub mod smart;
