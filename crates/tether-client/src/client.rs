@@ -129,6 +129,14 @@ pub enum ClientEvent {
         /// The server's explanation.
         reason: String,
     },
+    /// A send nobody waits for (restored from the state file) was given up: it is
+    /// *unconfirmed* (see [`ClientError::Unconfirmed`]).
+    SendUnconfirmed {
+        /// Which send.
+        client_msg_id: ClientMsgId,
+        /// Why.
+        reason: tether_core::outbox::GiveUp,
+    },
     /// A smart heartbeat decision (DESIGN §5): probes, their outcomes, interval changes,
     /// convergence, step-downs, network switches.
     Smart(crate::smart::SmartEvent),
@@ -299,6 +307,7 @@ impl ClientHandle {
                 to: to.to_string(),
                 body,
                 content_type: content_type.to_string(),
+                queued_ms: 0,
             },
             reply,
         };

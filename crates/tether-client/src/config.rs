@@ -46,8 +46,12 @@ pub struct ClientConfig {
     pub backoff_cap: Duration,
     /// Most sends on the wire without a SEND_ACK; later ones wait, in order.
     pub max_in_flight: usize,
-    /// Most unconfirmed sends kept; `send` waits while the outbox is full.
-    pub max_outbox: usize,
+    /// Outbox timing and bound (DESIGN §6): a send unanswered for `ack_timeout` on a
+    /// live connection goes again, up to `max_tries` times; without a session it waits
+    /// `offline_window` (checked every `check_every`); past the server's dedup window it
+    /// is never resent. Each of these ends in [`crate::ClientError::Unconfirmed`]. At
+    /// most `capacity` sends are kept; `send` waits while the outbox is full.
+    pub outbox: tether_core::outbox::OutboxConfig,
     /// Entries buffered between the driver and the app (beyond it the server's credit
     /// window stalls delivery).
     pub entry_buffer: usize,
@@ -86,7 +90,7 @@ impl ClientConfig {
             backoff_base: DEFAULT_BASE,
             backoff_cap: DEFAULT_CAP,
             max_in_flight: 1024,
-            max_outbox: 10_000,
+            outbox: tether_core::outbox::OutboxConfig::default(),
             entry_buffer: 256,
             network_id: "default".into(),
             smart_heartbeat: None,
@@ -115,8 +119,12 @@ impl ClientConfig {
         if self.heartbeat_interval.is_zero() || self.pong_timeout.is_zero() {
             return bad("heartbeat interval and pong timeout must be positive");
         }
-        if self.max_in_flight == 0 || self.max_outbox == 0 || self.entry_buffer == 0 {
-            return bad("max_in_flight, max_outbox and entry_buffer must be positive");
+        if self.max_in_flight == 0 || self.outbox.capacity == 0 || self.entry_buffer == 0 {
+            return bad("max_in_flight, outbox.capacity and entry_buffer must be positive");
+        }
+        let o = &self.outbox;
+        if o.ack_timeout.is_zero() || o.max_tries == 0 || o.check_every.is_zero() {
+            return bad("outbox ack_timeout, max_tries and check_every must be positive");
         }
         Ok(())
     }
@@ -138,7 +146,7 @@ impl fmt::Debug for ClientConfig {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .field("max_in_flight", &self.max_in_flight)
-            .field("max_outbox", &self.max_outbox)
+            .field("outbox", &self.outbox)
             .field("entry_buffer", &self.entry_buffer)
             .field("network_id", &self.network_id)
             .field("smart_heartbeat", &self.smart_heartbeat)

@@ -15,7 +15,6 @@ use crate::connector::{BoxTransport, Connector};
 use crate::error::{ClientError, DisconnectReason};
 use crate::heartbeat::{Heartbeat, HeartbeatAction};
 use crate::inbox::{Handoff, InboxCursor, WelcomeCheck};
-use crate::outbox::Outbox;
 use crate::smart::{
     FULL_IDLE, NetworkKey, ProbeMode, ProbeOutcome, SideProbe, SideResult, SmartHeartbeat,
     side_probe,
@@ -32,6 +31,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tether_core::diagnosis::Diagnosis;
 use tether_core::heartbeat::{HeartbeatConfig, HeartbeatMode};
+use tether_core::outbox::Outbox;
 use tether_proto::frame::{self, kind_of};
 use tether_proto::pb::{self, ErrorCode, KickReason};
 use tether_proto::{DEFAULT_MAX_FRAME, DecodeError, Frame, PROTOCOL_VERSION, RawFrame, kind};
@@ -61,6 +61,31 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Who waits for a send's outcome.
 pub(crate) type SendWaiter = oneshot::Sender<Result<SendAck, ClientError>>;
+
+/// One send in the outbox and whoever waits for its outcome (`None` for sends restored
+/// from the state file).
+#[derive(Debug)]
+pub(crate) struct Queued {
+    send: PendingSend,
+    waiter: Option<SendWaiter>,
+}
+
+/// The outbox at start-up: the state file's sends, oldest first, with their ages.
+fn restored_outbox(config: &ClientConfig, sends: Vec<PendingSend>) -> Outbox<Queued> {
+    let now_ms = unix_ms();
+    let mut outbox = Outbox::new(config.outbox, now());
+    outbox.restore(
+        sends.into_iter().map(|mut send| {
+            if send.queued_ms == 0 {
+                send.queued_ms = now_ms;
+            }
+            let age = Duration::from_millis(now_ms.saturating_sub(send.queued_ms));
+            (send.client_msg_id.0, Queued { send, waiter: None }, age)
+        }),
+        now(),
+    );
+    outbox
+}
 
 /// A send from the app.
 #[derive(Debug)]
@@ -208,7 +233,7 @@ pub(crate) struct Driver {
     config: ClientConfig,
     ch: Channels,
     cursor: InboxCursor,
-    outbox: Outbox<SendWaiter>,
+    outbox: Outbox<Queued>,
     device_epoch: u64,
     /// The ACK that may leave: the cursor as last persisted.
     persisted_acked: u64,
@@ -281,7 +306,7 @@ impl Driver {
             backoff: Backoff::new(config.backoff_base, config.backoff_cap),
             persisted_acked: cursor.acked(),
             cursor,
-            outbox: Outbox::restored(state.outbox),
+            outbox: restored_outbox(&config, state.outbox),
             device_epoch: state.device_epoch,
             persist_now: false,
             persist_by: None,
@@ -315,7 +340,7 @@ impl Driver {
                 break;
             }
             let deadline = self.next_deadline();
-            let outbox_has_room = self.outbox.len() < self.config.max_outbox;
+            let outbox_has_room = self.outbox.has_room();
             let wants_permit = !self.pending.is_empty() && !self.app_gone;
             tokio::select! {
                 control = self.ch.controls.recv() => match control {
@@ -350,6 +375,33 @@ impl Driver {
         }
         self.hand_over();
         self.pump();
+        self.report_unconfirmed();
+    }
+
+    /// Tells the app about every send the outbox gave up on.
+    fn report_unconfirmed(&mut self) {
+        let mut any = false;
+        while let Some(u) = self.outbox.pop_unconfirmed() {
+            any = true;
+            let id = ClientMsgId(u.id);
+            let error = ClientError::Unconfirmed {
+                client_msg_id: id,
+                reason: u.reason,
+            };
+            warn!(%error, "send given up");
+            match u.value.waiter {
+                Some(waiter) => {
+                    let _ = waiter.send(Err(error));
+                }
+                None => self.emit(ClientEvent::SendUnconfirmed {
+                    client_msg_id: id,
+                    reason: u.reason,
+                }),
+            }
+        }
+        if any {
+            self.persist_later();
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -358,10 +410,15 @@ impl Driver {
             Link::Up(conn) => Some(conn.heartbeat.poll_timeout()),
             Link::Connecting { .. } | Link::Stopped => None,
         };
-        [link, self.persist_by, self.smart_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            link,
+            self.persist_by,
+            self.smart_deadline(),
+            self.outbox.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn emit(&self, event: ClientEvent) {
@@ -384,7 +441,7 @@ impl Driver {
             inbox_epoch: self.cursor.epoch(),
             last_seq: acked,
             device_epoch: self.device_epoch,
-            outbox: self.outbox.iter().cloned().collect(),
+            outbox: self.outbox.iter().map(|(_, q)| q.send.clone()).collect(),
             networks: self
                 .smart
                 .as_ref()
@@ -412,7 +469,7 @@ impl Driver {
                     path,
                     detail: e.to_string(),
                 };
-                for item in self.outbox.take_non_durable() {
+                for (_, item) in self.outbox.take_non_durable() {
                     if let Some(waiter) = item.waiter {
                         let _ = waiter.send(Err(failure.clone()));
                     }
@@ -432,7 +489,7 @@ impl Driver {
 
     fn on_send_requests(&mut self, first: SendRequest) {
         self.accept_send(first);
-        while self.outbox.len() < self.config.max_outbox {
+        while self.outbox.has_room() {
             match self.ch.sends.try_recv() {
                 Ok(request) => self.accept_send(request),
                 Err(_) => break,
@@ -451,7 +508,22 @@ impl Driver {
             return;
         }
         trace!(id = %request.send.client_msg_id, to = %request.send.to, "send queued");
-        self.outbox.push(request.send, Some(request.reply));
+        let mut send = request.send;
+        send.queued_ms = unix_ms();
+        let id = send.client_msg_id.0;
+        let queued = Queued {
+            send,
+            waiter: Some(request.reply),
+        };
+        if let Err(queued) = self.outbox.push(id, queued, now()) {
+            // Callers only accept sends while there is room; answer rather than drop.
+            if let Some(waiter) = queued.waiter {
+                let _ = waiter.send(Err(ClientError::InvalidRequest(
+                    "the outbox is full".into(),
+                )));
+            }
+            return;
+        }
         self.persist_now = true;
     }
 
@@ -771,10 +843,14 @@ impl Driver {
             }));
         }
         while conn.transport.queued_bytes() < MAX_QUEUED_BYTES {
-            let Some(send) = self.outbox.next_to_send(self.config.max_in_flight) else {
+            let Some((_, queued)) = self.outbox.next_to_send(now(), self.config.max_in_flight)
+            else {
                 break;
             };
-            if let Err(e) = conn.transport.send(&Frame::Send(send_message(send))) {
+            if let Err(e) = conn
+                .transport
+                .send(&Frame::Send(send_message(&queued.send)))
+            {
                 return self.end_link(transport_ending(e));
             }
             conn.sent(now());
@@ -808,6 +884,8 @@ impl Driver {
     async fn on_timer(&mut self) {
         let now = now();
         self.smart_tick(now);
+        self.outbox.handle_timeout(now);
+        self.report_unconfirmed();
         match &mut self.link {
             Link::Down { retry_at } if *retry_at <= now => self.start_attempt().await,
             Link::Up(conn) => match conn.heartbeat.handle_timeout(now) {
@@ -1043,8 +1121,9 @@ impl Driver {
             unconfirmed_sends = self.outbox.len(),
             "connected"
         );
-        // Every unconfirmed send goes again, oldest first, before anything newer.
-        self.outbox.restart();
+        // Every unconfirmed send goes again, oldest first, before anything newer (but
+        // none past the dedup window this server announced).
+        self.outbox.connected(info.dedup_window);
         self.link = Link::Up(Box::new(Conn {
             transport,
             heartbeat: Heartbeat::with_config(
@@ -1155,7 +1234,7 @@ impl Driver {
         let Some(id) = ClientMsgId::from_slice(&a.client_msg_id) else {
             return;
         };
-        let Some(item) = self.outbox.remove(&id) else {
+        let Some(item) = self.outbox.remove(&id.0) else {
             debug!(%id, "SEND_ACK for a send no longer pending");
             return;
         };
@@ -1178,7 +1257,7 @@ impl Driver {
     fn on_error(&mut self, e: pb::Error) {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
         if let Some(id) = ClientMsgId::from_slice(&e.client_msg_id)
-            && let Some(item) = self.outbox.remove(&id)
+            && let Some(item) = self.outbox.remove(&id.0)
         {
             warn!(%id, code = code.as_str_name(), reason = %e.reason, "send rejected");
             match item.waiter {
@@ -1257,6 +1336,7 @@ impl Driver {
             session = Some(conn.info.session_id.clone());
         }
         let was_up = session.is_some();
+        self.outbox.disconnected(now());
         for job in &mut self.syncs {
             job.asked = false;
         }
@@ -1350,7 +1430,7 @@ impl Driver {
         self.on_ack_request();
         self.persist().await;
         // The sends stay in the state file; their callers learn they are unconfirmed.
-        for item in self.outbox.drain() {
+        for (_, item) in self.outbox.drain() {
             if let Some(waiter) = item.waiter {
                 let _ = waiter.send(Err(error.clone()));
             }

@@ -53,6 +53,16 @@ pub enum ClientError {
     /// mix two inboxes. Start again.
     #[error("the inbox epoch changed during the sync")]
     InboxReset,
+    /// The SDK stopped trying to send this message (DESIGN §6): it may or may not have
+    /// been committed, and the server delivers it at most once. Sending it again with
+    /// the same client message id is safe within the server's dedup window.
+    #[error("send {client_msg_id} unconfirmed: {}", give_up_text(.reason))]
+    Unconfirmed {
+        /// The send's client message id.
+        client_msg_id: crate::state::ClientMsgId,
+        /// Why the SDK gave up.
+        reason: tether_core::outbox::GiveUp,
+    },
     /// The client was closed (or its driver is gone).
     #[error("client closed")]
     Closed,
@@ -153,5 +163,18 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::ProtocolError { detail } => write!(f, "protocol error: {detail}"),
             DisconnectReason::LocalClose => f.write_str("closed locally"),
         }
+    }
+}
+
+fn give_up_text(reason: &tether_core::outbox::GiveUp) -> String {
+    use tether_core::outbox::GiveUp;
+    match reason {
+        GiveUp::NoAck { tries } => format!("no answer on a live connection after {tries} tries"),
+        GiveUp::Offline { waited } => format!("no session for {:.0} s", waited.as_secs_f64()),
+        GiveUp::DedupWindow { age, window } => format!(
+            "queued {:.0} s ago, too close to the server's {:.0} s dedup window to resend safely",
+            age.as_secs_f64(),
+            window.as_secs_f64()
+        ),
     }
 }

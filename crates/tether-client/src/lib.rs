@@ -4,7 +4,9 @@
 //! - *connection lifecycle*: connect, HELLO/WELCOME, resume, heartbeat, reconnect with
 //!   capped exponential backoff and full jitter, server failover, GOAWAY, KICK;
 //! - *client-side QoS*: an [`Outbox`] that keeps every send, with its client message id,
-//!   until SEND_ACK and resends all of them in order after each reconnect; an
+//!   until SEND_ACK, resends all of them in order after each reconnect, retransmits after
+//!   `ack_timeout`, and reports a send *unconfirmed* after `max_tries`, after the offline
+//!   window, or before it would outlive the server's dedup window; an
 //!   [`InboxCursor`] that hands each inbox entry to the app exactly once and in order,
 //!   and never skips one (a gap restarts the connection from the resume point);
 //! - *state persistence*: the [`StateFile`] `(inbox_epoch, last_seq, device_epoch,
@@ -17,8 +19,9 @@
 //!
 //! Architecture: [`Client::start`] spawns one driver task that does all I/O; the app
 //! talks to it through bounded channels via [`Client`] and [`ClientHandle`]. The rules
-//! themselves ([`InboxCursor`], [`Backoff`], [`Heartbeat`] from tether-core, and the
-//! [`Outbox`]) are plain state machines with time passed in, unit-tested without sockets or sleeps. Transports come
+//! themselves ([`InboxCursor`], [`Backoff`], [`Heartbeat`], [`Outbox`] from tether-core)
+//! are plain state machines with time passed in, unit-tested without sockets or sleeps.
+//! Transports come
 //! from a [`Connector`]: TCP by address, or in-memory pipes ([`memory_connector`]) for
 //! tests and benchmarks.
 //!
@@ -43,7 +46,6 @@ pub mod config;
 pub mod connector;
 mod driver;
 pub mod error;
-pub mod outbox;
 pub mod smart;
 pub mod state;
 
@@ -56,7 +58,7 @@ pub use connector::{
 pub use error::{ClientError, DisconnectReason};
 pub use heartbeat::Heartbeat;
 pub use inbox::InboxCursor;
-pub use outbox::Outbox;
 pub use state::{ClientMsgId, PendingSend, StateFile};
+pub use tether_core::outbox::{GiveUp, Outbox, OutboxConfig};
 pub use tether_core::{backoff, heartbeat, inbox};
 pub use tether_proto::pb::{EntryType, ErrorCode, KickReason};

@@ -103,6 +103,10 @@ pub struct PendingSend {
     /// Content type, e.g. `text/plain`; may be empty.
     #[serde(default)]
     pub content_type: String,
+    /// When it was first queued, ms since the Unix epoch (0 in files written before this
+    /// field: counted from loading). Resends stop past the server's dedup window from here.
+    #[serde(default)]
+    pub queued_ms: u64,
 }
 
 mod base64_bytes {
@@ -228,12 +232,14 @@ mod tests {
                     to: "bob".into(),
                     body: Bytes::from_static(b"first \x00\xff"),
                     content_type: "text/plain".into(),
+                    queued_ms: 1_700_000_000_000,
                 },
                 PendingSend {
                     client_msg_id: ClientMsgId([2; 16]),
                     to: "carol".into(),
                     body: Bytes::new(),
                     content_type: String::new(),
+                    queued_ms: 0,
                 },
             ],
             networks: vec![SavedNetwork {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 use tether_client::{
     Client, ClientConfig, ClientError, ClientEvent, ClientMsgId, ConnState, DisconnectReason,
-    MemoryListener, PendingSend, StateFile, memory_connector,
+    GiveUp, MemoryListener, PendingSend, StateFile, memory_connector,
 };
 use tether_proto::pb::{self, ErrorCode, KickReason};
 use tether_proto::{Frame, frame};
@@ -280,6 +280,7 @@ async fn sends_restored_from_the_state_file_are_resent_first_and_confirmed_by_ev
         to: "bob".into(),
         body: Bytes::from("from last run"),
         content_type: "text/plain".into(),
+        queued_ms: 0,
     };
     StateFile {
         inbox_epoch: 3,
@@ -676,5 +677,157 @@ async fn retry_after_is_a_floor_for_the_next_attempt() {
         waited >= Duration::from_millis(3_000) && waited <= Duration::from_millis(3_100),
         "retried after {waited:?}"
     );
+    client.close().await;
+}
+
+/// Waits for the send task while answering PINGs; panics on any other frame.
+async fn answer_pings_until<T>(peer: &mut Peer, task: &mut tokio::task::JoinHandle<T>) -> T {
+    loop {
+        tokio::select! {
+            out = &mut *task => return out.unwrap(),
+            frame = peer.expect_within(Duration::from_secs(600)) => match frame {
+                Frame::Ping(_) => peer.send(Frame::Pong(pb::Pong::default())).await,
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_send_goes_again_every_ack_timeout_then_is_unconfirmed() {
+    let (cfg, mut listener) = config(None);
+    let client = Client::start(cfg).unwrap();
+    let mut peer = Peer::accept(&mut listener).await;
+    peer.login(1, 1).await;
+    client.wait_connected(WAIT).await.unwrap();
+    let handle = client.handle();
+    let start = tokio::time::Instant::now();
+    let mut task =
+        tokio::spawn(async move { handle.send("bob", Bytes::from_static(b"hello")).await });
+    let first = peer.expect_send().await;
+    assert_eq!(start.elapsed().as_secs(), 0);
+    for want in [15, 30] {
+        let again = loop {
+            match peer.expect_within(Duration::from_secs(600)).await {
+                Frame::Send(s) => break s,
+                Frame::Ping(_) => peer.send(Frame::Pong(pb::Pong::default())).await,
+                other => panic!("expected SEND, got {other:?}"),
+            }
+        };
+        assert_eq!(
+            again.client_msg_id, first.client_msg_id,
+            "same id on every try"
+        );
+        assert_eq!(start.elapsed().as_secs(), want);
+    }
+    let outcome = answer_pings_until(&mut peer, &mut task).await;
+    assert_eq!(start.elapsed().as_secs(), 45);
+    match outcome {
+        Err(ClientError::Unconfirmed {
+            client_msg_id,
+            reason: GiveUp::NoAck { tries: 3 },
+        }) => assert_eq!(client_msg_id, id_of(&first)),
+        other => panic!("{other:?}"),
+    }
+    client.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_send_without_a_session_is_unconfirmed_after_the_offline_window() {
+    let (cfg, listener) = config(None);
+    // Nobody ever accepts: every attempt fails.
+    drop(listener);
+    let client = Client::start(cfg).unwrap();
+    let start = tokio::time::Instant::now();
+    let outcome = client.send("bob", Bytes::from_static(b"hello")).await;
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(120) && waited <= Duration::from_secs(122),
+        "gave up after {waited:?}"
+    );
+    assert!(
+        matches!(
+            outcome,
+            Err(ClientError::Unconfirmed {
+                reason: GiveUp::Offline { .. },
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_restored_send_older_than_the_dedup_window_is_never_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.json");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let pending = |n: u8, queued_ms: u64| PendingSend {
+        client_msg_id: ClientMsgId([n; 16]),
+        to: "bob".into(),
+        body: Bytes::from(vec![n]),
+        content_type: String::new(),
+        queued_ms,
+    };
+    StateFile {
+        inbox_epoch: 1,
+        device_epoch: 1,
+        // Two hours old, and one minute old; the server remembers ids for one hour.
+        outbox: vec![pending(1, now_ms - 7_200_000), pending(2, now_ms - 60_000)],
+        ..Default::default()
+    }
+    .save(&path)
+    .unwrap();
+    let (cfg, mut listener) = config(Some(&path));
+    let client = Client::start(cfg).unwrap();
+    let mut events = client.events();
+    let mut peer = Peer::accept(&mut listener).await;
+    peer.hello().await;
+    let Frame::Welcome(mut w) = welcome(1, 1) else {
+        unreachable!()
+    };
+    w.dedup_window_ms = 3_600_000;
+    peer.send(Frame::Welcome(w)).await;
+    let only = peer.expect_send().await;
+    assert_eq!(
+        id_of(&only),
+        ClientMsgId([2; 16]),
+        "the old send never leaves"
+    );
+    let given_up = loop {
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ClientEvent::SendUnconfirmed {
+                client_msg_id,
+                reason,
+            } => break (client_msg_id, reason),
+            _ => continue,
+        }
+    };
+    assert_eq!(given_up.0, ClientMsgId([1; 16]));
+    assert!(
+        matches!(given_up.1, GiveUp::DedupWindow { .. }),
+        "{given_up:?}"
+    );
+    // And it is gone from the state file, while the young one stays until answered.
+    peer.send_ack(&only, 1).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let state = StateFile::load(&path).unwrap().unwrap();
+            if state.outbox.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the state file still holds the given-up send");
     client.close().await;
 }

@@ -57,6 +57,17 @@ impl TokenBucket {
         took
     }
 
+    /// How long after `now` until `n` tokens (at most the burst) are available; zero if
+    /// they already are. Takes nothing.
+    pub fn wait_for(&mut self, now: Instant, n: u64) -> Duration {
+        self.refill(now);
+        let want = (n as f64).min(self.burst);
+        if self.tokens >= want {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64((want - self.tokens) / self.rate).unwrap_or(Duration::MAX)
+    }
+
     /// Tokens available at `now` (for metrics and tests).
     pub fn available(&mut self, now: Instant) -> f64 {
         self.refill(now);
@@ -101,6 +112,19 @@ mod tests {
         assert_eq!(b.take_up_to(t0, 30), 20);
         assert_eq!(b.take_up_to(t0, 30), 0);
         assert_eq!(b.take_up_to(t0 + Duration::from_millis(100), 30), 10);
+    }
+
+    #[test]
+    fn wait_for_says_when_tokens_will_be_there_without_taking_any() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, 100.0, 50);
+        assert_eq!(b.wait_for(t0, 50), Duration::ZERO);
+        assert_eq!(b.take_up_to(t0, 50), 50);
+        assert_eq!(b.wait_for(t0, 1), Duration::from_millis(10));
+        assert_eq!(b.wait_for(t0, 5), Duration::from_millis(50));
+        // Never more than the burst: asking for more waits for a full bucket only.
+        assert_eq!(b.wait_for(t0, 1_000), Duration::from_millis(500));
+        assert_eq!(b.take_up_to(t0 + Duration::from_millis(10), 5), 1);
     }
 
     #[test]

@@ -100,6 +100,8 @@ struct Item<T> {
     id: MsgId,
     value: T,
     queued_at: Instant,
+    /// Age when restored from persistent state (zero for sends queued by this process).
+    prior_age: Duration,
     /// Last transmission on the current connection, while unanswered.
     sent_at: Option<Instant>,
     /// Its ack timeout passed on a live connection: send it again.
@@ -159,12 +161,14 @@ impl<T> Outbox<T> {
         &self.config
     }
 
-    /// Adds sends restored from persistent state, oldest first: already durable.
-    /// `queued_at` is when each was first queued (possibly by an earlier process).
-    pub fn restore(&mut self, sends: impl IntoIterator<Item = (MsgId, T, Instant)>) {
-        for (id, value, queued_at) in sends {
-            self.items
-                .insert(self.durable, Item::new(id, value, queued_at));
+    /// Adds sends restored from persistent state at `now`, oldest first, each with its
+    /// age (how long ago it was first queued, possibly by an earlier process); they are
+    /// already durable.
+    pub fn restore(&mut self, sends: impl IntoIterator<Item = (MsgId, T, Duration)>, now: Instant) {
+        for (id, value, age) in sends {
+            let mut item = Item::new(id, value, now);
+            item.prior_age = age;
+            self.items.insert(self.durable, item);
             self.durable += 1;
         }
     }
@@ -199,9 +203,9 @@ impl<T> Outbox<T> {
         self.durable < self.items.len()
     }
 
-    /// Every queued send with its id and queueing time, oldest first (to persist).
-    pub fn iter(&self) -> impl Iterator<Item = (&MsgId, &T, Instant)> {
-        self.items.iter().map(|i| (&i.id, &i.value, i.queued_at))
+    /// Every queued send with its id, oldest first (to persist).
+    pub fn iter(&self) -> impl Iterator<Item = (&MsgId, &T)> {
+        self.items.iter().map(|i| (&i.id, &i.value))
     }
 
     /// Queues a new send (not durable yet). When the outbox is full the send is
@@ -270,7 +274,7 @@ impl<T> Outbox<T> {
                 }
                 None => return None,
             };
-            let age = now.saturating_duration_since(self.items[candidate].queued_at);
+            let age = self.items[candidate].age(now);
             if past_dedup_window(age, dedup_window) {
                 self.give_up(
                     candidate,
@@ -398,10 +402,16 @@ impl<T> Item<T> {
             id,
             value,
             queued_at,
+            prior_age: Duration::ZERO,
             sent_at: None,
             due: false,
             timeouts: 0,
         }
+    }
+
+    /// How long ago it was first queued.
+    fn age(&self, now: Instant) -> Duration {
+        self.prior_age + now.saturating_duration_since(self.queued_at)
     }
 }
 
@@ -475,7 +485,7 @@ mod tests {
     fn after_each_reconnect_all_unconfirmed_go_again_in_original_order_before_new_ones() {
         let t0 = Instant::now();
         let mut o = outbox(t0);
-        o.restore([(id(1), 1, t0), (id(2), 2, t0)]);
+        o.restore([(id(1), 1, Duration::ZERO), (id(2), 2, Duration::ZERO)], t0);
         queue(&mut o, &[3, 4], t0);
         o.connected(Duration::ZERO);
         assert_eq!(sendable(&mut o, t0, 10), vec![1, 2, 3, 4]);
@@ -619,10 +629,11 @@ mod tests {
         let t0 = Instant::now();
         let window = 100 * S; // margin: 10 s
         let mut o = outbox(t0);
-        o.restore([(id(1), 1, t0)]);
+        // Queued 10 s before this process restored it at t0 + 10 s.
+        o.restore([(id(1), 1, 10 * S)], t0 + 10 * S);
         queue(&mut o, &[2], t0 + 20 * S);
         o.connected(window);
-        assert_eq!(sendable(&mut o, t0, 10), vec![1, 2]);
+        assert_eq!(sendable(&mut o, t0 + 20 * S, 10), vec![1, 2]);
         o.disconnected(t0 + 60 * S);
         o.connected(window);
         // At 85 s, 1 is 85 s old: within 100 - 10.
@@ -695,7 +706,7 @@ mod tests {
     fn a_failed_persist_removes_only_what_was_never_persisted() {
         let t0 = Instant::now();
         let mut o = outbox(t0);
-        o.restore([(id(1), 1, t0)]);
+        o.restore([(id(1), 1, Duration::ZERO)], t0);
         o.push(id(2), 2, t0).unwrap();
         assert!(o.has_non_durable());
         assert_eq!(o.take_non_durable(), vec![(id(2), 2)]);
@@ -707,7 +718,7 @@ mod tests {
     fn an_unknown_answer_changes_nothing() {
         let t0 = Instant::now();
         let mut o = outbox(t0);
-        o.restore([(id(1), 1, t0)]);
+        o.restore([(id(1), 1, Duration::ZERO)], t0);
         assert_eq!(o.remove(&id(9)), None);
         assert_eq!(o.len(), 1);
     }
