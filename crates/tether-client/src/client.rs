@@ -10,6 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tether_proto::pb::{self, ErrorCode, KickReason};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -34,6 +35,59 @@ pub struct SendAck {
     pub seq: u64,
     /// Server timestamp, ms since the Unix epoch.
     pub ts_ms: u64,
+    /// The server already had this send (an earlier try was committed): nothing new
+    /// was written.
+    pub duplicate: bool,
+}
+
+/// Counters of what the SDK did, for monitoring and tests; see [`ClientHandle::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Sessions established (WELCOME received).
+    pub sessions: u64,
+    /// SEND frames written, first tries and resends.
+    pub sends_transmitted: u64,
+    /// SEND_ACKs saying the send was a duplicate of a committed one.
+    pub duplicate_acks: u64,
+    /// Entries dropped because they were already handed to the app (replays after a
+    /// reconnect).
+    pub replays_dropped: u64,
+}
+
+/// The driver's side of [`ClientStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub sessions: AtomicU64,
+    pub sends_transmitted: AtomicU64,
+    pub duplicate_acks: AtomicU64,
+    pub replays_dropped: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A send accepted into the outbox; [`SendTicket::outcome`] waits for the server's answer.
+/// Dropping it does not cancel the send.
+#[derive(Debug)]
+pub struct SendTicket {
+    reply: oneshot::Receiver<Result<SendAck, ClientError>>,
+    status: watch::Receiver<ConnState>,
+}
+
+impl SendTicket {
+    /// The SEND_ACK, or why there is none (rejected, unconfirmed, client stopped).
+    pub async fn outcome(self) -> Result<SendAck, ClientError> {
+        match self.reply.await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(match &*self.status.borrow() {
+                ConnState::Stopped(e) => e.clone(),
+                _ => ClientError::Closed,
+            }),
+        }
+    }
 }
 
 /// What WELCOME announced about a session.
@@ -170,6 +224,7 @@ pub struct ClientHandle {
     status: watch::Receiver<ConnState>,
     events: broadcast::Sender<ClientEvent>,
     first_events: Arc<Mutex<Option<broadcast::Receiver<ClientEvent>>>>,
+    counters: Arc<Counters>,
 }
 
 /// A running client: a background driver task plus this handle. Derefs to
@@ -216,6 +271,7 @@ impl Client {
         let (events_tx, first_events) = broadcast::channel(EVENT_CAPACITY);
         let (entries_tx, entries_rx) = mpsc::channel(config.entry_buffer);
         let auto_ack = config.auto_ack;
+        let counters = Arc::new(Counters::default());
         let driver = Driver::new(
             config,
             state,
@@ -227,6 +283,7 @@ impl Client {
                 entries: entries_tx,
                 events: events_tx.clone(),
                 status: status_tx,
+                counters: counters.clone(),
             },
         );
         let driver = tokio::spawn(driver.run());
@@ -238,6 +295,7 @@ impl Client {
                 status: status_rx,
                 events: events_tx,
                 first_events: Arc::new(Mutex::new(Some(first_events))),
+                counters,
             },
             entries: entries_rx,
             auto_ack,
@@ -297,6 +355,23 @@ impl ClientHandle {
         body: Bytes,
         content_type: &str,
     ) -> Result<SendAck, ClientError> {
+        self.enqueue(client_msg_id, to, body, content_type)
+            .await?
+            .outcome()
+            .await
+    }
+
+    /// Puts a send into the outbox and returns once it is queued (waiting while the
+    /// outbox is full), before the server answers: sends enqueued one after another
+    /// leave, and are committed, in that order. Await [`SendTicket::outcome`] for the
+    /// answer.
+    pub async fn enqueue(
+        &self,
+        client_msg_id: ClientMsgId,
+        to: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<SendTicket, ClientError> {
         if to.is_empty() {
             return Err(ClientError::InvalidRequest("send target is empty".into()));
         }
@@ -314,7 +389,21 @@ impl ClientHandle {
         if self.sends.send(request).await.is_err() {
             return Err(self.stop_error());
         }
-        outcome.await.unwrap_or_else(|_| Err(self.stop_error()))
+        Ok(SendTicket {
+            reply: outcome,
+            status: self.status.clone(),
+        })
+    }
+
+    /// What the SDK has done so far.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.counters;
+        ClientStats {
+            sessions: c.sessions.load(Ordering::Relaxed),
+            sends_transmitted: c.sends_transmitted.load(Ordering::Relaxed),
+            duplicate_acks: c.duplicate_acks.load(Ordering::Relaxed),
+            replays_dropped: c.replays_dropped.load(Ordering::Relaxed),
+        }
     }
 
     /// The app has processed every entry up to `seq`: the driver persists the cursor

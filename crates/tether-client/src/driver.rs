@@ -9,7 +9,7 @@
 //! its SEND leaves, and an ACK always follows the persisted cursor.
 
 use crate::backoff::Backoff;
-use crate::client::{ClientEvent, ConnState, Entry, SendAck, SessionInfo};
+use crate::client::{ClientEvent, ConnState, Counters, Entry, SendAck, SessionInfo};
 use crate::config::{ClientConfig, token_subject};
 use crate::connector::{BoxTransport, Connector};
 use crate::error::{ClientError, DisconnectReason};
@@ -121,6 +121,7 @@ pub(crate) struct Channels {
     pub entries: mpsc::Sender<Entry>,
     pub events: broadcast::Sender<ClientEvent>,
     pub status: watch::Sender<ConnState>,
+    pub counters: Arc<Counters>,
 }
 
 /// A live session.
@@ -847,6 +848,7 @@ impl Driver {
             else {
                 break;
             };
+            Counters::bump(&self.ch.counters.sends_transmitted);
             if let Err(e) = conn
                 .transport
                 .send(&Frame::Send(send_message(&queued.send)))
@@ -1156,6 +1158,7 @@ impl Driver {
         self.ch
             .status
             .send_replace(ConnState::Connected(info.clone()));
+        Counters::bump(&self.ch.counters.sessions);
         self.emit(ClientEvent::Connected(info));
         self.smart_connected();
     }
@@ -1223,7 +1226,10 @@ impl Driver {
                     ));
                 }
             }
-            Handoff::Duplicate => trace!(seq = entry.seq, "replayed entry dropped"),
+            Handoff::Duplicate => {
+                Counters::bump(&self.ch.counters.replays_dropped);
+                trace!(seq = entry.seq, "replayed entry dropped");
+            }
             Handoff::Gap { expected, got } => self.end_link(protocol_error(format!(
                 "gap in delivery: expected seq {expected}, got {got}"
             ))),
@@ -1243,7 +1249,11 @@ impl Driver {
             message_id: a.message_id,
             seq: a.seq,
             ts_ms: a.ts_ms,
+            duplicate: a.duplicate,
         };
+        if a.duplicate {
+            Counters::bump(&self.ch.counters.duplicate_acks);
+        }
         trace!(%id, message_id = a.message_id, "send confirmed");
         match item.waiter {
             Some(waiter) => {

@@ -50,7 +50,10 @@ pub mod smart;
 pub mod state;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientEvent, ClientHandle, ConnState, Entry, SendAck, SessionInfo};
+pub use client::{
+    Client, ClientEvent, ClientHandle, ClientStats, ConnState, Entry, SendAck, SendTicket,
+    SessionInfo,
+};
 pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};
 pub use connector::{
     BoxTransport, Connector, MemoryConnector, MemoryListener, TcpConnector, memory_connector,

@@ -96,6 +96,7 @@ impl Peer {
             message_id: 1000 + seq,
             seq,
             ts_ms: 1_700_000_000_000 + seq,
+            duplicate: false,
         }))
         .await;
     }

@@ -13,6 +13,8 @@
 //!   offline window, the dedup-window limit, the bound (DESIGN §6).
 //! - [`smart`]: the smart heartbeat: per network, the longest interval the NAT allows
 //!   (DESIGN §5).
+//! - [`window`]: the server's per-connection delivery window: position, credit of
+//!   un-ACKed DELIVERs, backlog replay pacing, ACK validation (DESIGN §6).
 
 pub mod admission;
 pub mod backoff;
@@ -21,3 +23,4 @@ pub mod heartbeat;
 pub mod inbox;
 pub mod outbox;
 pub mod smart;
+pub mod window;

@@ -225,12 +225,18 @@ mod tests {
         }
     }
 
+    /// One streaming step that must not need the replay bucket.
+    fn live_step(w: &mut DeliveryWindow, now: Instant, limits: WindowLimits) -> u64 {
+        let g = w.grant(now, limits, untouchable);
+        send_granted(w, g)
+    }
+
     #[test]
     fn a_full_window_stops_the_stream_until_an_ack_reopens_exactly_that_much() {
         let t0 = Instant::now();
         let mut w = DeliveryWindow::new(1, 5);
         // Live (within one window of the head): five go at once.
-        assert_eq!(send_granted(&mut w, w.grant(t0, LIMITS, untouchable)), 5);
+        assert_eq!(live_step(&mut w, t0, LIMITS), 5);
         w.on_head(100);
         // 100 − 6 ≥ 8 is backlog now; a bucket with room for everything.
         let mut bucket = TokenBucket::new(t0, 1e6, 1_000_000);
@@ -254,7 +260,7 @@ mod tests {
         let mut w = DeliveryWindow::new(1, 10);
         assert_eq!(w.grant(t0, small, untouchable), Grant::Send(4));
         for _ in 0..3 {
-            send_granted(&mut w, w.grant(t0, small, untouchable));
+            live_step(&mut w, t0, small);
         }
         assert_eq!(w.next(), 11);
         assert!(!w.is_behind());
@@ -273,7 +279,7 @@ mod tests {
         // device ACKs; the bucket is never even asked.
         for head in 1..=1_000u64 {
             w.on_head(head);
-            let n = send_granted(&mut w, w.grant(t0, LIMITS, untouchable));
+            let n = live_step(&mut w, t0, LIMITS);
             assert_eq!(n, 1, "head {head}");
             w.on_ack(head).unwrap();
         }
@@ -319,7 +325,12 @@ mod tests {
         // Both ask every millisecond for 2 s and ACK at once.
         for ms in 0..2_000u64 {
             let now = t0 + Duration::from_millis(ms);
-            for (w, sent) in [(&mut a, &mut sent_a), (&mut b, &mut sent_b)] {
+            // Who asks first alternates, as wake-ups do on a real server.
+            let mut both = [(&mut a, &mut sent_a), (&mut b, &mut sent_b)];
+            if ms % 2 == 1 {
+                both.reverse();
+            }
+            for (w, sent) in both {
                 let g = w.grant(now, limits, || &mut bucket);
                 *sent += send_granted(w, g);
                 let last = w.next() - 1;
@@ -347,9 +358,10 @@ mod tests {
             panic!("an empty bucket must pace the backlog");
         };
         assert_eq!(retry_at, t0 + Duration::from_millis(10));
+        let mut probe = bucket.clone();
         let just_before = retry_at - Duration::from_micros(100);
         assert!(matches!(
-            w.grant(just_before, LIMITS, || &mut bucket),
+            w.grant(just_before, LIMITS, || &mut probe),
             Grant::Paced { .. }
         ));
         assert_eq!(w.grant(retry_at, LIMITS, || &mut bucket), Grant::Send(1));
@@ -358,8 +370,8 @@ mod tests {
     #[test]
     fn an_ack_beyond_what_was_sent_is_rejected_and_changes_nothing() {
         let t0 = Instant::now();
-        let mut w = DeliveryWindow::new(41, 60);
-        send_granted(&mut w, w.grant(t0, LIMITS, untouchable));
+        let mut w = DeliveryWindow::new(41, 48);
+        live_step(&mut w, t0, LIMITS);
         assert_eq!(w.next(), 49);
         let before = w;
         assert_eq!(
@@ -374,6 +386,7 @@ mod tests {
             format!("ACK {} beyond the last DELIVER 48", u64::MAX)
         );
         assert_eq!(w, before);
+        w.on_head(60);
         assert_eq!(w.grant(t0, LIMITS, untouchable), Grant::WindowFull);
     }
 
@@ -381,7 +394,7 @@ mod tests {
     fn an_ack_below_the_current_one_is_ignored() {
         let t0 = Instant::now();
         let mut w = DeliveryWindow::new(1, 8);
-        send_granted(&mut w, w.grant(t0, LIMITS, untouchable));
+        live_step(&mut w, t0, LIMITS);
         assert_eq!(w.on_ack(6), Ok(6));
         assert_eq!(w.on_ack(3), Ok(0));
         assert_eq!(w.on_ack(6), Ok(0));

@@ -289,6 +289,7 @@ mod tests {
                 message_id: 4,
                 seq: 2,
                 ts_ms: 1,
+                duplicate: true,
             }),
             Frame::Deliver(pb::Deliver {
                 entry: Some(entry.clone()),

@@ -7,9 +7,13 @@
 //! follows from those notifications (position streaming), so nothing is acknowledged
 //! or delivered before it is durable.
 //!
-//! Device cursors (moved by ACKs) are coalesced here too and written in the same
-//! thread at most every [`CURSOR_FLUSH_INTERVAL`]: a lost cursor only means a
+//! Device cursors (moved by ACKs and logins) are coalesced here too and written in the
+//! same thread at most every [`CURSOR_FLUSH_INTERVAL`]: a lost cursor only means a
 //! redelivery, which clients drop by seq.
+//!
+//! Compaction ([`Retention`]) runs on this thread as well, every
+//! [`Retention::interval`], after writing every pending cursor: entries held back by a
+//! device that just logged in must not be removed under it.
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Session};
@@ -20,7 +24,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tether_proto::{Frame, frame, pb};
-use tether_store::{AppendOutcome, AppendRequest, DeviceCursor, Store};
+use tether_store::{AppendOutcome, AppendRequest, CompactPolicy, DeviceCursor, Store};
 use tracing::{error, info};
 
 /// How often pending cursor moves are written (in chunks, see [`CURSOR_CHUNK`]).
@@ -107,6 +111,12 @@ impl CommitPath {
         }
     }
 
+    /// Drops a cursor move not yet written, so it cannot bring back the cursor of a
+    /// device being evicted.
+    pub fn forget_cursor(&self, user: &Arc<str>, device: &str) {
+        self.cursors.lock().remove(&(user.clone(), device.into()));
+    }
+
     /// Commits what was submitted so far, writes pending cursors and stops the thread.
     pub fn stop(&self) {
         let _ = self.tx.lock().send(Command::Stop);
@@ -125,19 +135,22 @@ struct CommitWorker {
     retention: Retention,
 }
 
-/// What compaction keeps, run by the commit thread every [`COMPACT_INTERVAL`].
+/// What compaction keeps, run by the commit thread every [`Retention::interval`].
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
-    /// Messages and their dedup keys older than this are removed.
+    /// Messages and their dedup keys older than this are removed (the dedup window).
     pub messages: Duration,
     /// Device cursors not seen for this long are removed.
     pub devices: Duration,
+    /// Messages every live device of the inbox's user has acknowledged are removed
+    /// too, before retention (see [`CompactPolicy::remove_acked`]).
+    pub acked: bool,
+    /// How often compaction runs.
+    pub interval: Duration,
 }
 
-/// How often old messages, dedup keys and idle devices are compacted away.
-pub const COMPACT_INTERVAL: Duration = Duration::from_secs(3600);
-
-fn unix_ms_before(age: Duration) -> u64 {
+/// Wall-clock ms since the Unix epoch, `age` ago (cursor and entry times are in these).
+pub(crate) fn unix_ms_before(age: Duration) -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -188,7 +201,13 @@ impl CommitWorker {
             }
             let chunk = if stopping { usize::MAX } else { CURSOR_CHUNK };
             self.write_cursors(&mut flushing, chunk);
-            if last_compaction.elapsed() >= COMPACT_INTERVAL {
+            if !stopping && last_compaction.elapsed() >= self.retention.interval {
+                // Compaction must see where every device is, including one that just
+                // logged in and holds entries back: write every pending cursor first.
+                self.write_cursors(&mut flushing, usize::MAX);
+                flushing.extend(std::mem::take(&mut *self.cursors.lock()));
+                self.write_cursors(&mut flushing, usize::MAX);
+                last_cursor_flush = Instant::now();
                 self.compact();
                 last_compaction = Instant::now();
             }
@@ -226,18 +245,18 @@ impl CommitWorker {
         for ((append, outcome), (session, submitted)) in
             appends.iter().zip(&outcomes).zip(waiting.iter())
         {
-            let ack = match outcome {
+            let (ack, duplicate) = match outcome {
                 AppendOutcome::New { ack, heads: h } => {
                     new += 1;
                     for (user, head) in h {
                         let slot = heads.entry(user.as_str()).or_default();
                         *slot = (*slot).max(*head);
                     }
-                    ack
+                    (ack, false)
                 }
                 AppendOutcome::Duplicate(ack) => {
                     self.metrics.duplicates.inc();
-                    ack
+                    (ack, true)
                 }
             };
             self.metrics.observe_commit_latency(done - *submitted);
@@ -246,6 +265,7 @@ impl CommitWorker {
                 message_id: ack.message_id,
                 seq: ack.sender_seq,
                 ts_ms: ack.ts_ms,
+                duplicate,
             }));
         }
         self.metrics.messages_committed.inc_by(new);
@@ -255,10 +275,17 @@ impl CommitWorker {
     }
 
     fn compact(&self) {
-        let before = unix_ms_before(self.retention.messages);
-        let devices_before = unix_ms_before(self.retention.devices);
-        match self.store.compact(before, devices_before) {
-            Ok(stats) => info!(?stats, "compacted messages past retention and idle devices"),
+        let policy = CompactPolicy {
+            entries_before_ms: unix_ms_before(self.retention.messages),
+            devices_before_ms: unix_ms_before(self.retention.devices),
+            remove_acked: self.retention.acked,
+        };
+        match self.store.compact(&policy) {
+            Ok(stats) => info!(
+                ?stats,
+                acked = policy.remove_acked,
+                "compacted messages past retention or held by every device, and idle devices"
+            ),
             Err(e) => error!(error = %e, "compaction failed"),
         }
     }

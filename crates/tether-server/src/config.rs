@@ -99,10 +99,25 @@ pub struct ServerConfig {
     pub max_inflight_sends: u32,
     /// Where devices without a cursor start.
     pub start_policy: StartPolicy,
-    /// How long messages (and their dedup keys) are kept.
+    /// How long messages (and their dedup keys) are kept at most. It is the dedup
+    /// window announced in WELCOME: a resend is recognised for this long, even after
+    /// its message was compacted because every device had it.
     pub retention: Duration,
-    /// Devices not seen for this long lose their server cursor.
+    /// Devices not seen for this long lose their server cursor (and stop counting
+    /// towards [`ServerConfig::max_devices`] and holding messages back).
     pub device_expiry: Duration,
+    /// Remove a message as soon as every live device of the inbox's user has
+    /// acknowledged it, as WhatsApp- or WeChat-style servers do, instead of keeping it
+    /// until retention for SYNC history. An inbox whose user has no live device keeps
+    /// everything until retention, so the user's first device gets it.
+    pub compact_acked: bool,
+    /// How often compaction runs (on the commit thread).
+    pub compact_interval: Duration,
+    /// Most devices per user. A device the server does not know yet, logging in beyond
+    /// it, evicts the least recently seen device that is not connected (its server
+    /// cursor is removed); if every one is connected, the login is refused with
+    /// `DEVICE_LIMIT`.
+    pub max_devices: u32,
     /// Heartbeat limits.
     pub heartbeat: HeartbeatLimits,
     /// Most messages in one group commit.
@@ -130,6 +145,10 @@ pub struct ServerConfig {
     pub replay_burst: u32,
     /// Probe sessions (side connections testing a heartbeat interval).
     pub probes: crate::probe::ProbeLimits,
+    /// Chaos runs and tests only: the store's unsynced writes live in process memory
+    /// (see `tether_store::PowerLossFile`, seeded with this), so killing the process is
+    /// a power cut. `None` in production.
+    pub simulate_power_loss: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +165,9 @@ impl Default for ServerConfig {
             start_policy: StartPolicy::Beginning,
             retention: Duration::from_secs(30 * 24 * 3600),
             device_expiry: Duration::from_secs(90 * 24 * 3600),
+            compact_acked: true,
+            compact_interval: Duration::from_secs(3600),
+            max_devices: 16,
             heartbeat: HeartbeatLimits::default(),
             max_commit_batch: 2048,
             deadline_sweep: Duration::from_millis(250),
@@ -157,6 +179,7 @@ impl Default for ServerConfig {
             replay_rate: 200_000.0,
             replay_burst: 20_000,
             probes: Default::default(),
+            simulate_power_loss: None,
         }
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tether_core::window::{DeliveryWindow, Grant, WindowLimits};
 use tether_proto::frame::{self, DecodeError};
 use tether_proto::pb::{self, ErrorCode};
 use tether_proto::{Frame, FrameError, RawFrame};
@@ -400,6 +401,12 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
         let info = shared.store.inbox_info(&session.user)?;
         let cursor = shared.store.cursor(&session.user, &session.device)?;
         let (start, resumed) = start_seq(info, hello.resume, cursor, shared.config.start_policy)?;
+        // A device neither connected nor known by a live cursor is new to its user:
+        // it must fit within the device cap.
+        let live_since = crate::commit::unix_ms_before(shared.config.device_expiry);
+        if replaced.is_none() && !cursor.is_some_and(|c| c.is_live(info.epoch, live_since)) {
+            crate::devices::make_room(shared, &session, info.epoch, live_since)?;
+        }
         Ok::<_, Close>((info, start, resumed))
     })();
     let (info, start, resumed) = match decided {
@@ -421,6 +428,17 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
         old.signal(SIG_REPLACED);
     }
     session.notify_head(info.head);
+    // The device is seen now, and what it has not received yet is held back from acked
+    // compaction: its cursor exists from its first login, not from its first ACK.
+    shared.commit.move_cursor(
+        &session.user,
+        &session.device,
+        DeviceCursor {
+            inbox_epoch: info.epoch,
+            acked_seq: start.saturating_sub(1),
+            last_seen_ms: now_ms(),
+        },
+    );
     Ok(Admission {
         session,
         info,
@@ -484,12 +502,8 @@ struct Conn<T> {
     shared: Arc<Shared>,
     session: Arc<Session>,
     inbox_epoch: u64,
-    /// Next seq to DELIVER.
-    next: u64,
-    /// Highest seq the device ACKed.
-    acked: u64,
-    /// Newest head known.
-    head: u64,
+    /// Position in the inbox and the credit window of un-ACKed DELIVERs.
+    window: DeliveryWindow,
     /// SENDs submitted and not yet answered.
     inflight_sends: u32,
     /// Their body bytes, bounded by [`MAX_INFLIGHT_BYTES`].
@@ -514,9 +528,7 @@ impl<T: Transport> Conn<T> {
             shared,
             session: a.session.clone(),
             inbox_epoch: a.info.epoch,
-            next: a.start,
-            acked: a.start - 1,
-            head: a.info.head,
+            window: DeliveryWindow::new(a.start, a.info.head),
             inflight_sends: 0,
             inflight_bytes: 0,
             interval_ms: a.interval.as_millis().min(u128::from(u32::MAX)) as u32,
@@ -630,38 +642,40 @@ impl<T: Transport> Conn<T> {
         self.t.send(&f).map_err(transport_close)
     }
 
-    /// Streams `next..=head` within the credit window and the send buffer's room.
+    /// Streams `next..=head` within the credit window, the replay pacing and the send
+    /// buffer's room (the rules are [`DeliveryWindow`]'s).
     fn stream(&mut self) -> Result<(), Close> {
-        self.head = self.head.max(self.session.head());
-        let window = u64::from(self.shared.config.credit_window);
-        while self.next <= self.head {
-            let in_flight = self.next - 1 - self.acked;
-            if in_flight >= window || self.t.queued_bytes() >= OUT_HIGH_WATER {
-                break;
-            }
-            let mut room = (window - in_flight).min(READ_BATCH);
-            // Far behind the head means replaying a backlog: paced across all
-            // connections, so a reconnect storm cannot starve live traffic.
-            if self.head - self.next >= window {
-                let granted = self.shared.replays.lock().take_up_to(Instant::now(), room);
-                if granted == 0 {
+        self.window.on_head(self.session.head());
+        let limits = WindowLimits {
+            credit: u64::from(self.shared.config.credit_window),
+            batch: READ_BATCH,
+        };
+        while self.t.queued_bytes() < OUT_HIGH_WATER {
+            // The shared replay bucket is locked only for a backlog batch.
+            let grant = self
+                .window
+                .grant(Instant::now(), limits, || self.shared.replays.lock());
+            let room = match grant {
+                Grant::Send(n) => n,
+                Grant::Paced { .. } => {
+                    // The deadline sweep wakes us (within one sweep period).
                     self.shared.deadlines.wake_later(&self.session);
                     break;
                 }
-                room = granted;
-            }
-            let to = self.head.min(self.next + room - 1);
-            let entries =
-                self.shared
-                    .store
-                    .read_range(&self.session.user, self.next, to, room as usize)?;
+                Grant::CaughtUp | Grant::WindowFull => break,
+            };
+            let next = self.window.next();
+            let entries = self.shared.store.read_range(
+                &self.session.user,
+                next,
+                next + room - 1,
+                room as usize,
+            )?;
             if entries.is_empty() {
-                // Nothing stored in [next, to]: compacted away. Continue from what is left.
+                // Nothing stored in the range: compacted away. Continue from what is left.
                 let info = self.shared.store.inbox_info(&self.session.user)?;
-                if info.low > self.next {
-                    // Skipped seqs were never delivered, so they are not in flight.
-                    self.next = info.low;
-                    self.acked = self.acked.max(info.low - 1);
+                if info.low > next {
+                    self.window.skip_to(info.low);
                     continue;
                 }
                 break;
@@ -672,12 +686,13 @@ impl<T: Transport> Conn<T> {
                 if self.t.queued_bytes() >= OUT_HIGH_WATER {
                     break;
                 }
-                self.next = e.seq + 1;
+                let seq = e.seq;
                 self.t
                     .send(&Frame::Deliver(pb::Deliver {
                         entry: Some(to_pb(e)),
                     }))
                     .map_err(transport_close)?;
+                self.window.on_sent(seq);
                 sent += 1;
             }
             self.shared.metrics.messages_delivered.inc_by(sent);
@@ -793,8 +808,12 @@ impl<T: Transport> Conn<T> {
             0
         };
         // A lost head notification is harmless: PONG tells a lagging connection.
-        self.head = self.head.max(self.session.head());
-        let head = if self.next <= self.head { self.head } else { 0 };
+        self.window.on_head(self.session.head());
+        let head = if self.window.is_behind() {
+            self.window.head()
+        } else {
+            0
+        };
         self.send(Frame::Pong(pb::Pong { interval_ms, head }))
     }
 
@@ -882,35 +901,39 @@ impl<T: Transport> Conn<T> {
     }
 
     fn on_ack(&mut self, ack: pb::Ack) -> Result<(), Close> {
-        if ack.seq >= self.next {
-            self.shared.metrics.protocol_errors.inc();
-            return self.send(frame::error(
-                ErrorCode::BadRequest,
-                format!("ACK {} beyond the last DELIVER {}", ack.seq, self.next - 1),
-                false,
-            ));
+        match self.window.on_ack(ack.seq) {
+            Err(beyond) => {
+                self.shared.metrics.protocol_errors.inc();
+                self.send(frame::error(
+                    ErrorCode::BadRequest,
+                    beyond.to_string(),
+                    false,
+                ))
+            }
+            // At or below the last ACK: nothing new.
+            Ok(0) => Ok(()),
+            Ok(_) => {
+                self.shared.commit.move_cursor(
+                    &self.session.user,
+                    &self.session.device,
+                    DeviceCursor {
+                        inbox_epoch: self.inbox_epoch,
+                        acked_seq: self.window.acked(),
+                        last_seen_ms: now_ms(),
+                    },
+                );
+                Ok(())
+            }
         }
-        if ack.seq > self.acked {
-            self.acked = ack.seq;
-            self.shared.commit.move_cursor(
-                &self.session.user,
-                &self.session.device,
-                DeviceCursor {
-                    inbox_epoch: self.inbox_epoch,
-                    acked_seq: ack.seq,
-                    last_seen_ms: now_ms(),
-                },
-            );
-        }
-        Ok(())
     }
 
     fn on_sync(&mut self, sync: pb::Sync) -> Result<(), Close> {
-        self.head = self.head.max(self.session.head());
+        self.window.on_head(self.session.head());
+        let head = self.window.head();
         let to_excl = if sync.to_seq == 0 {
-            self.head + 1
+            head + 1
         } else {
-            sync.to_seq.min(self.head + 1)
+            sync.to_seq.min(head + 1)
         };
         let limit = match sync.limit {
             0 => SYNC_BATCH,
@@ -919,7 +942,7 @@ impl<T: Transport> Conn<T> {
         let mut done = pb::SyncDone {
             entries: Vec::new(),
             next_seq: to_excl.max(sync.from_seq),
-            head: self.head,
+            head,
         };
         if sync.from_seq < to_excl {
             let entries = self.shared.store.read_range(
@@ -992,7 +1015,7 @@ impl<T: Transport> Conn<T> {
             // Streaming stopped at the high-water mark: resume once there is room.
             if queued >= OUT_HIGH_WATER
                 && self.t.queued_bytes() < OUT_HIGH_WATER
-                && self.next <= self.head.max(self.session.head())
+                && self.window.next() <= self.window.head().max(self.session.head())
             {
                 return Poll::Ready(Event::Writable);
             }

@@ -15,6 +15,7 @@ pub mod commit;
 pub mod config;
 pub mod connection;
 pub mod deadlines;
+mod devices;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
@@ -127,6 +128,10 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// With `simulate_power_loss`: the share of unsynced page writes that reach the file
+/// before the next sync, as a kernel flushing dirty pages early would.
+const POWER_LOSS_WRITEBACK: f64 = 0.3;
+
 /// A configured server, not yet listening. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -136,7 +141,17 @@ pub struct Server {
 impl Server {
     /// Opens the embedded store and the token secret under `config.data_dir`.
     pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
-        let store = EmbeddedStore::open(&config.data_dir.join(STORE_DIR), config.durability)?;
+        let dir = config.data_dir.join(STORE_DIR);
+        let store = match config.simulate_power_loss {
+            Some(seed) => {
+                tracing::warn!(
+                    seed,
+                    "simulating power loss: unsynced store writes die with this process (chaos runs only)"
+                );
+                EmbeddedStore::open_power_loss(&dir, seed, POWER_LOSS_WRITEBACK)?
+            }
+            None => EmbeddedStore::open(&dir, config.durability)?,
+        };
         Self::with_store(config, Arc::new(store))
     }
 
@@ -164,6 +179,8 @@ impl Server {
             commit::Retention {
                 messages: config.retention,
                 devices: config.device_expiry,
+                acked: config.compact_acked,
+                interval: config.compact_interval,
             },
         );
         Ok(Self {

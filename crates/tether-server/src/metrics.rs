@@ -36,6 +36,8 @@ pub struct Metrics {
     pub logins_throttled: Counter,
     /// Probe sessions admitted (side connections testing a heartbeat interval).
     pub probe_sessions: Counter,
+    /// Offline devices evicted to keep a user within the device cap.
+    pub devices_evicted: Counter,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -59,6 +61,7 @@ impl Default for Metrics {
             sessions_expired: Counter::default(),
             logins_throttled: Counter::default(),
             probe_sessions: Counter::default(),
+            devices_evicted: Counter::default(),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -109,6 +112,11 @@ impl Default for Metrics {
             "probe_sessions",
             "Probe sessions admitted (side connections testing a heartbeat interval)",
             m.probe_sessions.clone(),
+        );
+        registry.register(
+            "devices_evicted",
+            "Offline devices evicted (server cursor removed) to keep a user within the device cap",
+            m.devices_evicted.clone(),
         );
         registry.register(
             "sessions_expired",

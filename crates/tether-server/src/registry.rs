@@ -212,6 +212,15 @@ impl Registry {
         }
     }
 
+    /// The devices of `user` that have a session now.
+    pub fn connected_devices(&self, user: &str) -> Vec<Box<str>> {
+        let shard = self.shard(user).lock();
+        shard
+            .get(user)
+            .map(|devices| devices.iter().map(|s| s.device.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Tells every session of `user` that its inbox head is now `head`.
     pub fn notify_head(&self, user: &str, head: u64) {
         let shard = self.shard(user).lock();

@@ -24,8 +24,8 @@
 //! | `cursors` | `(user, device)`                                | `(inbox_epoch, acked_seq, last_seen_ms)`  |
 
 use crate::{
-    AppendOutcome, AppendRequest, Committed, CompactStats, DeviceCursor, Durability, EntryKind,
-    InboxInfo, Store, StoreError, StoredEntry,
+    AppendOutcome, AppendRequest, Committed, CompactPolicy, CompactStats, DeviceCursor, Durability,
+    EntryKind, InboxInfo, Store, StoreError, StoredEntry,
 };
 use prost::Message;
 use rand::Rng;
@@ -77,6 +77,24 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, holding `dir/LOCK` exclusively while open.
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
+        Self::open_dir(dir, durability, |file| Ok(FileBackend { file }))
+    }
+
+    /// Like [`EmbeddedStore::open`], but the data file's unsynced writes live in process
+    /// memory until fdatasync (a random `writeback` share goes through early), so
+    /// killing the process is a power cut: see [`PowerLossFile`](crate::PowerLossFile).
+    /// For chaos runs and tests only.
+    pub fn open_power_loss(dir: &Path, seed: u64, writeback: f64) -> Result<Self, StoreError> {
+        Self::open_dir(dir, Durability::Fsync, |file| {
+            crate::PowerLossFile::new(file, seed, writeback)
+        })
+    }
+
+    fn open_dir<B: StorageBackend>(
+        dir: &Path,
+        durability: Durability,
+        backend: impl FnOnce(File) -> io::Result<B>,
+    ) -> Result<Self, StoreError> {
         let dir_created = !dir.exists();
         fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
@@ -100,7 +118,7 @@ impl EmbeddedStore {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let store = Self::with_backend(FileBackend { file }, durability, Some(lock))?;
+        let store = Self::with_backend(backend(file)?, durability, Some(lock))?;
         if durability == Durability::Fsync {
             // The new directory entries must survive a power cut, or the data would not.
             if file_created {
@@ -430,14 +448,9 @@ impl Store for EmbeddedStore {
     fn cursor(&self, user: &str, device: &str) -> Result<Option<DeviceCursor>, StoreError> {
         let txn = self.db.begin_read()?;
         let cursors = txn.open_table(CURSORS)?;
-        Ok(cursors.get((user, device))?.map(|guard| {
-            let (inbox_epoch, acked_seq, last_seen_ms) = guard.value();
-            DeviceCursor {
-                inbox_epoch,
-                acked_seq,
-                last_seen_ms,
-            }
-        }))
+        Ok(cursors
+            .get((user, device))?
+            .map(|guard| device_cursor(guard.value())))
     }
 
     fn sync(&self) -> Result<(), StoreError> {
@@ -474,17 +487,71 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    /// Removes, per inbox, the oldest entries while their `ts_ms` is below `before_ms`: the
-    /// prefix, so an inbox stays the contiguous range `low..=head` that streaming relies on
-    /// (an old entry behind a newer one, after a clock step back, waits for the next run).
-    fn compact(&self, before_ms: u64, devices_before_ms: u64) -> Result<CompactStats, StoreError> {
+    fn devices(&self, user: &str) -> Result<Vec<(String, DeviceCursor)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let cursors = txn.open_table(CURSORS)?;
+        let mut devices = Vec::new();
+        // Keys sort by user first, so one user's devices are one contiguous run.
+        for item in cursors.range((user, "")..)? {
+            let (key, value) = item?;
+            let (owner, device) = key.value();
+            if owner != user {
+                break;
+            }
+            devices.push((device.to_owned(), device_cursor(value.value())));
+        }
+        Ok(devices)
+    }
+
+    fn remove_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
+        // Advisory like every cursor write: durable with the next durable commit.
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        let removed = txn.open_table(CURSORS)?.remove((user, device))?.is_some();
+        txn.commit()?;
+        Ok(removed)
+    }
+
+    /// Per inbox, the new low watermark is the larger of two floors: just above the
+    /// smallest `acked_seq` of the user's live devices (with `remove_acked`, and only if
+    /// the user has one), and past the oldest entries while their `ts_ms` is below
+    /// retention. Only the prefix below it goes, so an inbox stays the contiguous range
+    /// `low..=head` that streaming relies on (an old entry behind a newer one, after a
+    /// clock step back, waits for the next run).
+    fn compact(&self, policy: &CompactPolicy) -> Result<CompactStats, StoreError> {
         let mut stats = CompactStats::default();
         let txn = self.begin_write()?;
         {
+            let users = txn.open_table(USERS)?;
             let mut heads = txn.open_table(HEADS)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut dedup = txn.open_table(DEDUP)?;
             let mut cursors = txn.open_table(CURSORS)?;
+
+            // uid → smallest acked seq over the user's live devices.
+            let mut acked_floors: HashMap<u64, u64> = HashMap::new();
+            if policy.remove_acked {
+                let mut by_user: HashMap<String, u64> = HashMap::new();
+                for item in cursors.iter()? {
+                    let (key, value) = item?;
+                    let cursor = device_cursor(value.value());
+                    if !cursor.is_live(self.epoch, policy.devices_before_ms) {
+                        continue;
+                    }
+                    let user = key.value().0;
+                    match by_user.get_mut(user) {
+                        Some(floor) => *floor = (*floor).min(cursor.acked_seq),
+                        None => {
+                            by_user.insert(user.to_owned(), cursor.acked_seq);
+                        }
+                    }
+                }
+                for (user, floor) in by_user {
+                    if let Some(uid) = users.get(user.as_str())?.map(|g| g.value()) {
+                        acked_floors.insert(uid, floor);
+                    }
+                }
+            }
 
             let mut inboxes = Vec::new();
             for item in heads.iter()? {
@@ -495,49 +562,63 @@ impl Store for EmbeddedStore {
                 if low > head {
                     continue; // already empty
                 }
-                let mut new_low = low;
-                for item in inbox.range((uid, low)..=(uid, head))? {
-                    let (key, value) = item?;
-                    let seq = key.value().1;
-                    if decode_entry(&format!("uid {uid}"), seq, value.value())?.ts_ms >= before_ms {
-                        break;
+                // Everything at or below every live device's cursor may go (a cursor
+                // can never be above head, but a corrupt one must not move low past it).
+                let acked_low = acked_floors
+                    .get(&uid)
+                    .map_or(low, |floor| floor.saturating_add(1).clamp(low, head + 1));
+                let mut new_low = acked_low;
+                if new_low <= head {
+                    for item in inbox.range((uid, new_low)..=(uid, head))? {
+                        let (key, value) = item?;
+                        let seq = key.value().1;
+                        let entry = decode_entry(&format!("uid {uid}"), seq, value.value())?;
+                        if entry.ts_ms >= policy.entries_before_ms {
+                            break;
+                        }
+                        new_low = seq + 1;
                     }
-                    new_low = seq + 1;
                 }
                 if new_low == low {
                     continue;
                 }
                 let range = (Bound::Included((uid, low)), Bound::Excluded((uid, new_low)));
-                inbox.retain_in(range, |_, _| {
+                inbox.retain_in(range, |key, _| {
                     stats.entries += 1;
+                    stats.acked_entries += u64::from(key.1 < acked_low);
                     false
                 })?;
                 heads.insert(uid, (head, new_low))?;
             }
 
+            // By age only, never with their entries: the dedup window is the retention.
             dedup.retain(|_, (_, _, ts_ms)| {
-                let keep = ts_ms >= before_ms;
+                let keep = ts_ms >= policy.entries_before_ms;
                 stats.dedup_keys += u64::from(!keep);
                 keep
             })?;
             cursors.retain(|_, (_, _, last_seen_ms)| {
-                let keep = last_seen_ms >= devices_before_ms;
+                let keep = last_seen_ms >= policy.devices_before_ms;
                 stats.devices += u64::from(!keep);
                 keep
             })?;
         }
         txn.commit()?;
-        tracing::debug!(
-            ?stats,
-            before_ms,
-            devices_before_ms,
-            "inbox store compacted"
-        );
+        tracing::debug!(?stats, ?policy, "inbox store compacted");
         Ok(stats)
     }
 
     fn durability(&self) -> Durability {
         self.durability
+    }
+}
+
+/// A `cursors` table value as a [`DeviceCursor`].
+fn device_cursor((inbox_epoch, acked_seq, last_seen_ms): (u64, u64, u64)) -> DeviceCursor {
+    DeviceCursor {
+        inbox_epoch,
+        acked_seq,
+        last_seen_ms,
     }
 }
 

@@ -11,6 +11,7 @@
 //! tests (a simulated disk that drops unsynced bytes) are built. See [`embedded`].
 
 pub mod embedded;
+pub mod power_loss;
 pub mod sim_disk;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use std::fmt;
 use thiserror::Error;
 
 pub use embedded::EmbeddedStore;
+pub use power_loss::PowerLossFile;
 pub use sim_disk::SimulatedDisk;
 
 /// What a commit waits for before it returns (and so before SEND_ACK is sent).
@@ -161,11 +163,41 @@ pub struct DeviceCursor {
     pub last_seen_ms: u64,
 }
 
+impl DeviceCursor {
+    /// Whether this is a live device's cursor: of the store's `epoch`, and seen at or
+    /// after `seen_since_ms` (the device expiry). Only live cursors hold entries back
+    /// from acked compaction and count towards a user's devices.
+    pub fn is_live(&self, epoch: u64, seen_since_ms: u64) -> bool {
+        self.inbox_epoch == epoch && self.last_seen_ms >= seen_since_ms
+    }
+}
+
+/// What one [`Store::compact`] run removes. Times are ms since the Unix epoch.
+///
+/// Dedup keys go by age only, never with their entries: the dedup window announced to
+/// clients is the retention, so a resend of a message whose inbox copies were removed
+/// because every device had them is still answered with its original ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactPolicy {
+    /// Retention: entries and dedup keys stamped before this are removed.
+    pub entries_before_ms: u64,
+    /// Device expiry: cursors of devices last seen before this are removed; only
+    /// cursors seen since (and of the store's epoch) are live.
+    pub devices_before_ms: u64,
+    /// Also remove each inbox's entries at or below the smallest `acked_seq` of its
+    /// user's live devices. An inbox whose user has no live device keeps its entries
+    /// until retention, so the user's first device gets them.
+    pub remove_acked: bool,
+}
+
 /// What compaction removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactStats {
     /// Inbox entries removed.
     pub entries: u64,
+    /// Of `entries`, those at or below every live device's cursor (the rest were past
+    /// retention).
+    pub acked_entries: u64,
     /// Dedup keys removed.
     pub dedup_keys: u64,
     /// Device cursors removed (devices not seen within the expiry).
@@ -225,9 +257,19 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything recorded so far durable (used at shutdown).
     fn sync(&self) -> Result<(), StoreError>;
 
-    /// Removes entries and dedup keys older than `before_ms`, and cursors of devices
-    /// not seen since `devices_before_ms`.
-    fn compact(&self, before_ms: u64, devices_before_ms: u64) -> Result<CompactStats, StoreError>;
+    /// Every recorded cursor of `user`'s devices, by device id, whatever its epoch or
+    /// age (check [`DeviceCursor::is_live`]).
+    fn devices(&self, user: &str) -> Result<Vec<(String, DeviceCursor)>, StoreError>;
+
+    /// Forgets a device's cursor (the device cap evicts a device this way). Returns
+    /// whether there was one. Durable like [`Store::set_cursors`].
+    fn remove_device(&self, user: &str, device: &str) -> Result<bool, StoreError>;
+
+    /// Removes what `policy` says: entries past retention or (with
+    /// [`CompactPolicy::remove_acked`]) held by every live device, dedup keys past
+    /// retention, cursors of expired devices. Each inbox loses a prefix only, so it
+    /// stays the contiguous range `low..=head`; `low` only moves up, `head` never moves.
+    fn compact(&self, policy: &CompactPolicy) -> Result<CompactStats, StoreError>;
 
     /// The durability this store commits with.
     fn durability(&self) -> Durability;

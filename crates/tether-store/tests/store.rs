@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use tether_store::{
-    AppendOutcome, AppendRequest, Committed, DeviceCursor, Durability, EmbeddedStore, EntryKind,
-    InboxTarget, SimulatedDisk, Store, StoreError, StoredEntry,
+    AppendOutcome, AppendRequest, Committed, CompactPolicy, DeviceCursor, Durability,
+    EmbeddedStore, EntryKind, InboxTarget, SimulatedDisk, Store, StoreError, StoredEntry,
 };
 
 fn target(user: &str, conversation: &str) -> InboxTarget {
@@ -40,6 +40,56 @@ fn new_ack(outcome: &AppendOutcome) -> Committed {
 
 fn all(store: &EmbeddedStore, user: &str) -> Vec<StoredEntry> {
     store.read_range(user, 0, u64::MAX, usize::MAX).unwrap()
+}
+
+fn seqs(store: &EmbeddedStore, user: &str) -> Vec<u64> {
+    all(store, user).iter().map(|e| e.seq).collect()
+}
+
+/// Compaction by age only: retention and device expiry.
+fn by_age(entries_before_ms: u64, devices_before_ms: u64) -> CompactPolicy {
+    CompactPolicy {
+        entries_before_ms,
+        devices_before_ms,
+        remove_acked: false,
+    }
+}
+
+/// Compaction of what every live device acked; nothing is past retention, and devices
+/// seen before `devices_before_ms` are expired.
+fn acked(devices_before_ms: u64) -> CompactPolicy {
+    CompactPolicy {
+        entries_before_ms: 0,
+        devices_before_ms,
+        remove_acked: true,
+    }
+}
+
+/// `(user, device)` holds everything up to `acked_seq` of `epoch`, seen at `last_seen_ms`.
+fn set_cursor(
+    store: &EmbeddedStore,
+    user: &str,
+    device: &str,
+    epoch: u64,
+    acked_seq: u64,
+    last_seen_ms: u64,
+) {
+    let cursor = DeviceCursor {
+        inbox_epoch: epoch,
+        acked_seq,
+        last_seen_ms,
+    };
+    store
+        .set_cursors(&[(user.into(), device.into(), cursor)])
+        .unwrap();
+}
+
+/// `count` messages from alice's phone to bob, client ids 1..=count, at 1, 2, ... ms.
+fn alice_to_bob(store: &EmbeddedStore, count: u8) -> Vec<Committed> {
+    let batch: Vec<_> = (1..=count)
+        .map(|i| send("alice", "phone", i, "bob", &format!("m{i}"), u64::from(i)))
+        .collect();
+    store.append(&batch).unwrap().iter().map(new_ack).collect()
 }
 
 #[test]
@@ -364,7 +414,7 @@ fn compact_removes_old_entries_dedup_keys_and_idle_devices_and_moves_low_not_hea
         .unwrap();
 
     // Entries at 100, 200, 300 are older than 350, in both bob's and alice's inbox.
-    let stats = store.compact(350, 100).unwrap();
+    let stats = store.compact(&by_age(350, 100)).unwrap();
     assert_eq!((stats.entries, stats.dedup_keys, stats.devices), (6, 3, 1));
 
     for user in ["alice", "bob"] {
@@ -386,12 +436,12 @@ fn compact_removes_old_entries_dedup_keys_and_idle_devices_and_moves_low_not_hea
     assert_eq!(store.inbox_info("bob").unwrap().head, 7);
 
     // Compacting everything leaves an empty inbox at low = head + 1; heads never move back.
-    let stats = store.compact(u64::MAX, 0).unwrap();
+    let stats = store.compact(&by_age(u64::MAX, 0)).unwrap();
     assert_eq!(stats.entries, 8);
     let info = store.inbox_info("bob").unwrap();
     assert_eq!((info.head, info.low), (7, 8));
     assert!(all(&store, "bob").is_empty());
-    assert_eq!(store.compact(u64::MAX, 0).unwrap().entries, 0);
+    assert_eq!(store.compact(&by_age(u64::MAX, 0)).unwrap().entries, 0);
     assert_eq!(store.inbox_info("bob").unwrap().low, 8);
     let next = store
         .append(&[send("alice", "phone", 99, "bob", "new", 1)])
@@ -412,7 +462,7 @@ fn compact_removes_only_the_old_prefix_so_an_inbox_stays_contiguous() {
             send("alice", "phone", 3, "bob", "c", 200),
         ])
         .unwrap();
-    let stats = store.compact(500, 0).unwrap();
+    let stats = store.compact(&by_age(500, 0)).unwrap();
     assert_eq!(stats.entries, 2); // seq 1 in bob's and in alice's inbox
     let seqs: Vec<u64> = all(&store, "bob").iter().map(|e| e.seq).collect();
     assert_eq!(seqs, vec![2, 3]);
@@ -435,7 +485,7 @@ fn empty_store_reports_unknown_inbox_as_head_0_low_1_in_the_store_epoch() {
     );
     assert_eq!(store.cursor("nobody", "phone").unwrap(), None);
     assert_eq!(
-        store.compact(u64::MAX, u64::MAX).unwrap(),
+        store.compact(&by_age(u64::MAX, u64::MAX)).unwrap(),
         Default::default()
     );
 }
@@ -469,4 +519,186 @@ fn cursors_become_durable_with_the_next_append_or_sync_not_before() {
     store.sync().unwrap();
     let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
     assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 4);
+}
+
+#[test]
+fn acked_compaction_removes_entries_up_to_the_least_advanced_live_device_keeping_the_inbox_contiguous()
+ {
+    let store = memory_store();
+    let epoch = store.inbox_info("bob").unwrap().epoch;
+    alice_to_bob(&store, 6);
+    set_cursor(&store, "bob", "phone", epoch, 4, 1_000);
+    set_cursor(&store, "bob", "laptop", epoch, 2, 1_000);
+
+    let stats = store.compact(&acked(500)).unwrap();
+    // bob's laptop has only 1..=2; alice has no device, so her copies all stay.
+    assert_eq!((stats.entries, stats.acked_entries), (2, 2));
+    assert_eq!(seqs(&store, "bob"), vec![3, 4, 5, 6]);
+    let info = store.inbox_info("bob").unwrap();
+    assert_eq!((info.low, info.head), (3, 6));
+    assert_eq!(seqs(&store, "alice"), vec![1, 2, 3, 4, 5, 6]);
+
+    // The laptop catches up past the phone: now the phone is the least advanced.
+    set_cursor(&store, "bob", "laptop", epoch, 6, 1_100);
+    store.compact(&acked(500)).unwrap();
+    assert_eq!(seqs(&store, "bob"), vec![5, 6]);
+
+    // Everything acked: the inbox is empty at low = head + 1, and the next entry
+    // continues the sequence.
+    set_cursor(&store, "bob", "phone", epoch, 6, 1_200);
+    assert_eq!(store.compact(&acked(500)).unwrap().acked_entries, 2);
+    let info = store.inbox_info("bob").unwrap();
+    assert_eq!((info.low, info.head), (7, 6));
+    store
+        .append(&[send("alice", "phone", 50, "bob", "later", 7)])
+        .unwrap();
+    assert_eq!(seqs(&store, "bob"), vec![7]);
+    assert_eq!(store.inbox_info("bob").unwrap().low, 7);
+}
+
+#[test]
+fn acked_compaction_never_moves_low_back_nor_past_head() {
+    let store = memory_store();
+    let epoch = store.inbox_info("bob").unwrap().epoch;
+    alice_to_bob(&store, 6);
+    set_cursor(&store, "bob", "phone", epoch, 6, 1_000);
+    store.compact(&by_age(4, 0)).unwrap();
+    assert_eq!(store.inbox_info("bob").unwrap().low, 4);
+
+    // A cursor below low (a device resumed from an old point) keeps nothing back.
+    set_cursor(&store, "bob", "laptop", epoch, 1, 1_000);
+    store.compact(&acked(500)).unwrap();
+    assert_eq!(store.inbox_info("bob").unwrap().low, 4);
+    assert_eq!(seqs(&store, "bob"), vec![4, 5, 6]);
+
+    // A cursor above head (it cannot happen, but a store must not trust it) empties
+    // the inbox without moving its head.
+    store.remove_device("bob", "laptop").unwrap();
+    set_cursor(&store, "bob", "phone", epoch, 1_000, 1_000);
+    store.compact(&acked(500)).unwrap();
+    let info = store.inbox_info("bob").unwrap();
+    assert_eq!((info.low, info.head), (7, 6));
+}
+
+#[test]
+fn an_inbox_whose_user_has_no_live_device_keeps_everything_until_retention() {
+    let store = memory_store();
+    let epoch = store.inbox_info("bob").unwrap().epoch;
+    alice_to_bob(&store, 4);
+    // bob's only devices: one from another epoch, one not seen since before the expiry.
+    set_cursor(&store, "bob", "old-epoch", epoch ^ 1, 4, 1_000);
+    set_cursor(&store, "bob", "expired", epoch, 4, 100);
+
+    let stats = store.compact(&acked(500)).unwrap();
+    assert_eq!((stats.entries, stats.devices), (0, 1));
+    assert_eq!(seqs(&store, "bob"), vec![1, 2, 3, 4]);
+    assert_eq!(store.cursor("bob", "expired").unwrap(), None);
+
+    // Retention still applies.
+    let stats = store
+        .compact(&CompactPolicy {
+            entries_before_ms: 3,
+            ..acked(500)
+        })
+        .unwrap();
+    assert_eq!((stats.entries, stats.acked_entries), (4, 0)); // 1..=2 of bob and alice
+    assert_eq!(seqs(&store, "bob"), vec![3, 4]);
+}
+
+#[test]
+fn cursors_from_another_epoch_or_expired_do_not_hold_entries_back() {
+    let store = memory_store();
+    let epoch = store.inbox_info("bob").unwrap().epoch;
+    alice_to_bob(&store, 6);
+    set_cursor(&store, "bob", "phone", epoch, 5, 1_000);
+    set_cursor(&store, "bob", "tablet", epoch ^ 1, 0, 1_000);
+    set_cursor(&store, "bob", "watch", epoch, 0, 100);
+
+    let stats = store.compact(&acked(500)).unwrap();
+    assert_eq!((stats.acked_entries, stats.devices), (5, 1));
+    assert_eq!(seqs(&store, "bob"), vec![6]);
+    // The other-epoch cursor is not expired, so it stays (a login resets it).
+    assert!(store.cursor("bob", "tablet").unwrap().is_some());
+}
+
+#[test]
+fn without_remove_acked_entries_every_device_has_stay_until_retention() {
+    let store = memory_store();
+    let epoch = store.inbox_info("bob").unwrap().epoch;
+    alice_to_bob(&store, 3);
+    set_cursor(&store, "bob", "phone", epoch, 3, 1_000);
+    set_cursor(&store, "alice", "phone", epoch, 3, 1_000);
+    assert_eq!(store.compact(&by_age(0, 500)).unwrap().entries, 0);
+    assert_eq!(seqs(&store, "bob"), vec![1, 2, 3]);
+    assert_eq!(seqs(&store, "alice"), vec![1, 2, 3]);
+}
+
+#[test]
+fn a_dedup_key_outlives_its_entries_removed_by_acked_compaction_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = send("alice", "phone", 42, "bob", "x", 10);
+    let original = {
+        let store = EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
+        let epoch = store.inbox_info("bob").unwrap().epoch;
+        alice_to_bob(&store, 3);
+        let original = new_ack(&store.append(std::slice::from_ref(&x)).unwrap()[0]);
+        assert_eq!(original.sender_seq, 4);
+        set_cursor(&store, "bob", "phone", epoch, 4, 1_000);
+        set_cursor(&store, "alice", "phone", epoch, 4, 1_000);
+        store.sync().unwrap();
+        original
+    };
+
+    // Restart, then every copy of every message goes: all devices have them.
+    let store = EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
+    let stats = store.compact(&acked(500)).unwrap();
+    assert_eq!((stats.acked_entries, stats.dedup_keys), (8, 0));
+    assert!(all(&store, "bob").is_empty() && all(&store, "alice").is_empty());
+
+    // The resend is still recognised: the original ack, and nothing written.
+    assert_eq!(
+        store.append(std::slice::from_ref(&x)).unwrap(),
+        vec![AppendOutcome::Duplicate(original)]
+    );
+    for user in ["alice", "bob"] {
+        let info = store.inbox_info(user).unwrap();
+        assert_eq!((info.low, info.head), (5, 4), "{user}");
+    }
+    // Until its own age passes retention.
+    let stats = store.compact(&by_age(11, 0)).unwrap();
+    assert_eq!(stats.dedup_keys, 4);
+    assert!(matches!(
+        store.append(&[x]).unwrap()[0],
+        AppendOutcome::New { .. }
+    ));
+}
+
+#[test]
+fn devices_lists_one_users_cursors_and_remove_device_forgets_one() {
+    let store = memory_store();
+    for (user, device) in [
+        ("bo", "z"),
+        ("bob", "phone"),
+        ("bob", "laptop"),
+        ("bob2", "tab"),
+    ] {
+        set_cursor(&store, user, device, 7, 1, 5);
+    }
+    let names = |user| -> Vec<String> {
+        store
+            .devices(user)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect()
+    };
+    assert_eq!(names("bob"), vec!["laptop", "phone"]);
+    assert_eq!(store.devices("bob").unwrap()[0].1.acked_seq, 1);
+    assert!(names("nobody").is_empty());
+
+    assert!(store.remove_device("bob", "laptop").unwrap());
+    assert!(!store.remove_device("bob", "laptop").unwrap());
+    assert_eq!(names("bob"), vec!["phone"]);
+    assert_eq!(names("bob2"), vec!["tab"]);
+    assert_eq!(names("bo"), vec!["z"]);
 }

@@ -9,6 +9,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod chaos;
 mod client_cmds;
 mod lab;
 
@@ -47,6 +48,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Network lab (root): prove the heartbeat against a real NAT in namespaces.
     Lab(lab::LabArgs),
+    /// Delivery under chaos: connection kills, server SIGKILLs, simulated power cuts,
+    /// and (root, `--lab`) a lossy NAT with blackholes; prints what arrived where.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,9 +80,27 @@ struct ServeArgs {
     /// Most un-ACKed DELIVERs per connection.
     #[arg(long, default_value_t = 256)]
     credit_window: u32,
-    /// Days messages (and their dedup keys) are kept.
+    /// Days messages (and their dedup keys) are kept at most; also the dedup window
+    /// announced to clients.
     #[arg(long, default_value_t = 30)]
     retention_days: u64,
+    /// Keep messages every device already has, for SYNC history, until retention. By
+    /// default a message is removed once every live device of its inbox's user has
+    /// acknowledged it, as WhatsApp- or WeChat-style servers do (dedup keys still stay
+    /// for the whole retention).
+    #[arg(long)]
+    keep_acked_history: bool,
+    /// Seconds between compaction runs (retention, acknowledged messages, expired
+    /// devices).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    compact_interval_secs: u64,
+    /// Days a device may stay unseen before its server cursor is dropped.
+    #[arg(long, default_value_t = 90)]
+    device_expiry_days: u64,
+    /// Most devices per user. A new device beyond it evicts the least recently seen
+    /// device that is not connected; if all are connected it is refused (DEVICE_LIMIT).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    max_devices: u32,
     /// Heartbeat interval given to clients that ask for none, ms.
     #[arg(long, default_value_t = 30_000)]
     heartbeat_default_ms: u64,
@@ -119,6 +141,11 @@ struct ServeArgs {
     /// device, ms.
     #[arg(long, default_value_t = 500)]
     probe_min_gap_ms: u64,
+    /// Testing only: keep the store's unsynced writes in process memory (seeded
+    /// random early write-back), so killing this process is a simulated power cut.
+    /// Used by `tether chaos`; never in production.
+    #[arg(long, value_name = "SEED")]
+    simulate_power_loss: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -131,8 +158,13 @@ struct TokenArgs {
 }
 
 fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Logging to stderr, filtered by `TETHER_LOG` or else `default`.
+fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -146,6 +178,11 @@ fn main() -> ExitCode {
         // Its own threads and runtimes, one per namespace.
         init_logging();
         return lab::run(args);
+    }
+    if let Command::Chaos(args) = cli.command {
+        // Its own runtime, in the lab's client namespace with `--lab`.
+        init_logging_with("warn,tether::chaos=info");
+        return chaos::run(args);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -177,7 +214,9 @@ fn main() -> ExitCode {
             Command::Recv(args) => client_cmds::run_recv(args).await,
             Command::Chat(args) => client_cmds::run_chat(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::Lab(_) => unreachable!("handled before the runtime starts"),
+            Command::Lab(_) | Command::Chaos(_) => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
 }
@@ -193,6 +232,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         max_frame: args.max_frame,
         credit_window: args.credit_window.max(1),
         retention: Duration::from_secs(args.retention_days * 24 * 3600),
+        compact_acked: !args.keep_acked_history,
+        compact_interval: Duration::from_secs(args.compact_interval_secs),
+        device_expiry: Duration::from_secs(args.device_expiry_days * 24 * 3600),
+        max_devices: args.max_devices,
         heartbeat: tether_server::config::HeartbeatLimits {
             default_interval: Duration::from_millis(args.heartbeat_default_ms),
             min_interval: Duration::from_millis(args.heartbeat_min_ms),
@@ -206,6 +249,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         probes: tether_server::probe::ProbeLimits {
             min_gap: Duration::from_millis(args.probe_min_gap_ms),
         },
+        simulate_power_loss: args.simulate_power_loss,
         login_rate: args.login_rate,
         login_burst: args.login_burst,
         tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
