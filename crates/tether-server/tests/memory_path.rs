@@ -381,6 +381,42 @@ async fn credit_window_bounds_unacked_deliveries() {
 }
 
 #[tokio::test]
+async fn an_ack_beyond_the_last_deliver_is_refused_and_opens_no_credit() {
+    let f = fixture(|c| c.credit_window = 8);
+    let (mut alice, _) = f.login("alice", "laptop").await;
+    send_all(&mut alice, "bob", 0..20).await;
+    let (mut bob, _) = f.login("bob", "phone").await;
+    for seq in 1..=8 {
+        match next(&mut bob).await.unwrap() {
+            Frame::Deliver(d) => assert_eq!(d.entry.unwrap().seq, seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    bob.send(&Frame::Ack(pb::Ack { seq: 15 })).unwrap();
+    flush(&mut bob).await.unwrap();
+    match next(&mut bob).await.unwrap() {
+        Frame::Error(e) => {
+            assert!(!e.fatal, "{e:?}");
+            assert_eq!(e.code, pb::ErrorCode::BadRequest as i32);
+            assert!(e.reason.contains("beyond the last DELIVER 8"), "{e:?}");
+        }
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    // Nothing was released: the window is still full until a real ACK.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), recv(&mut bob))
+            .await
+            .is_err(),
+        "a bogus ACK must not reopen the window"
+    );
+    bob.send(&Frame::Ack(pb::Ack { seq: 8 })).unwrap();
+    flush(&mut bob).await.unwrap();
+    let more = deliveries(&mut bob, 12).await;
+    assert_eq!(more.first().unwrap().seq, 9);
+    assert_eq!(more.last().unwrap().seq, 20);
+}
+
+#[tokio::test]
 async fn connection_future_stays_small() {
     let f = fixture(|_| {});
     let (_client, server_end) = tether_transport::memory::pair(4096);
