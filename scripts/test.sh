@@ -43,9 +43,10 @@ group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether
 e2e_tests=()
 for f in crates/tether/tests/*.rs; do
   t=$(basename "$f" .rs)
-  [ "$t" = lab ] || e2e_tests+=(--test "$t")
+  [ "$t" = lab ] || [ "$t" = chaos ] || e2e_tests+=(--test "$t")
 done
 group "end to end (CLI, processes; serial)" cargo test -p tether "${e2e_tests[@]}" --quiet -- --test-threads=1
+group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" cargo test -p tether --test chaos --quiet -- --test-threads=1 --nocapture
 group "network lab (root: namespaces, NAT; parallel)" cargo test -p tether-lab --test '*' --quiet
 group "smart heartbeat on a real NAT (root; parallel scenarios)" cargo test -p tether --test lab --quiet -- --test-threads=16
 

@@ -169,7 +169,10 @@ async fn resend_of_a_client_msg_id_is_stored_once_and_gets_the_original_ack() {
     let f = fixture(|_| {});
     let (mut alice, _) = f.login("alice", "laptop").await;
     let first = send_all(&mut alice, "bob", 5..6).await;
-    let again = send_all(&mut alice, "bob", 5..6).await;
+    let mut again = send_all(&mut alice, "bob", 5..6).await;
+    assert!(!first[0].duplicate);
+    assert!(again[0].duplicate, "the resend is flagged as a duplicate");
+    again[0].duplicate = false;
     assert_eq!(first, again);
     let (_bob, welcome) = f.login("bob", "phone").await;
     assert_eq!(welcome.head, 1);

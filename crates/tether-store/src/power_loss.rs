@@ -141,7 +141,7 @@ impl redb::StorageBackend for PowerLossFile {
             // page holding the new end moves to the overlay with its tail zeroed, so
             // whole pages from `zero_from` on are stale in the real file.
             let tail = len / PAGE;
-            if len % PAGE != 0 && !state.pages.contains_key(&tail) {
+            if !len.is_multiple_of(PAGE) && !state.pages.contains_key(&tail) {
                 let mut page = vec![0u8; PAGE as usize].into_boxed_slice();
                 state.read_file(&self.file, tail * PAGE, &mut page)?;
                 state.pages.insert(tail, page);
@@ -150,7 +150,7 @@ impl redb::StorageBackend for PowerLossFile {
                 page[(len % PAGE) as usize..].fill(0);
             }
             state.pages.retain(|index, _| index * PAGE < len);
-            let boundary = tail * PAGE + if len % PAGE == 0 { 0 } else { PAGE };
+            let boundary = tail * PAGE + if len.is_multiple_of(PAGE) { 0 } else { PAGE };
             state.zero_from = state.zero_from.min(boundary);
             state.through.retain(|index| index * PAGE < len);
         }

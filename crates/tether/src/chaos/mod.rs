@@ -65,6 +65,15 @@ pub struct ChaosArgs {
     /// Blackhole periods in the lab (2 to 8 s each).
     #[arg(long, default_value_t = 4)]
     pub blackholes: usize,
+    /// Clients' outbox: how long a send may go unanswered on a live connection, ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub ack_timeout_ms: u64,
+    /// Clients' outbox: unanswered tries before a send is reported unconfirmed.
+    #[arg(long, default_value_t = 3)]
+    pub max_tries: u32,
+    /// Clients' outbox: how long a send may wait without a session, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub offline_window_ms: u64,
     /// Random seed (chosen and printed when absent).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -349,6 +358,7 @@ struct Device {
 
 fn client_config(
     env: &Env,
+    args: &ChaosArgs,
     proxy: SocketAddr,
     user: &str,
     device: &str,
@@ -366,9 +376,9 @@ fn client_config(
             .join("clients")
             .join(format!("{user}@{device}.json")),
     );
-    // Scaled like the lab: a tenth of the default windows.
-    c.outbox.ack_timeout = Duration::from_secs(5);
-    c.outbox.offline_window = Duration::from_secs(30);
+    c.outbox.ack_timeout = Duration::from_millis(args.ack_timeout_ms);
+    c.outbox.max_tries = args.max_tries.max(1);
+    c.outbox.offline_window = Duration::from_millis(args.offline_window_ms);
     Ok(c)
 }
 
@@ -401,7 +411,7 @@ async fn drive(
         for d in 0..args.devices {
             let user = format!("r{r}");
             let device = format!("d{d}");
-            let client = Client::start(client_config(&env, proxy.addr(), &user, &device)?)
+            let client = Client::start(client_config(&env, &args, proxy.addr(), &user, &device)?)
                 .map_err(|e| e.to_string())?;
             devices.push(Device {
                 name: format!("{user}/{device}"),
@@ -415,7 +425,7 @@ async fn drive(
     }
     for s in 0..args.senders {
         let user = format!("s{s}");
-        let client = Client::start(client_config(&env, proxy.addr(), &user, "phone")?)
+        let client = Client::start(client_config(&env, &args, proxy.addr(), &user, "phone")?)
             .map_err(|e| e.to_string())?;
         devices.push(Device {
             name: format!("{user}/phone"),
