@@ -13,12 +13,14 @@
 //! raw protocol, so every DELIVER the server sends is seen, duplicates included.
 //!
 //! Why the RSS bound is +96 MiB: the store's page cache keeps what is written (redb,
-//! 1 GiB cap), so the server grows by ~60 MiB for this flood whether or not anyone
-//! stalls (measured +60 MiB, debug build, 2 vCPU). To make a per-device queue visible
+//! 1 GiB cap), so the server grows by ~60 MiB for this flood whether or not `sink`'s
+//! first device stalls (measured +58 to +60 MiB stalled, +58 reading along; debug
+//! build, 2 vCPU; BENCHMARKS.md "slow consumer"). To make a per-device queue visible
 //! above that, 14 more devices of `sink` log in and never read, and the senders never
 //! read their own copies: 19 stalled streams, which a queueing server would hold
 //! 850,000 DELIVERs for. Measured with the stream's limits removed (no credit window,
-//! no send-buffer high-water mark): +143 MiB, the rest sat in kernel socket buffers.
+//! no send-buffer high-water mark): +143 to +145 MiB, the rest sat in kernel socket
+//! buffers.
 
 mod common;
 
