@@ -717,7 +717,10 @@ fn fixed(env: &Env, report: &mut Report) {
     let got = b.received("after-the-mapping-died");
     report.check(
         "push after the mapping died: delivered after the reconnect, once",
-        got.len() == 1 && reconnect.is_some_and(|r| got[0] >= r),
+        // After the dead-link verdict, so on the new session. (Not compared with the
+        // Connected event's time: the entry and the event reach the recorder on
+        // different channels, microseconds apart in either order.)
+        got.len() == 1 && reconnect.is_some() && got[0] >= detail,
         format!("pushed at {pushed:.1} s, received at {got:?}, reconnected at {reconnect:?}"),
     );
     let lost_a = a.disconnects(up_a, observe_until);
