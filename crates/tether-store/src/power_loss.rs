@@ -90,7 +90,10 @@ impl Overlay {
         if start >= self.len {
             return Ok(());
         }
-        let n = ((self.len - start) as usize).min(page.len());
+        // Up to the store's length, or over the whole page where the real file goes
+        // further (its bytes past a shrink must become the page's zeros, not stay stale).
+        let end = self.len.max(self.file_len);
+        let n = ((end - start) as usize).min(page.len());
         file.write_all_at(&page[..n], start)?;
         self.file_len = self.file_len.max(start + n as u64);
         if start + PAGE > self.zero_from {

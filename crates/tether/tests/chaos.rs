@@ -80,6 +80,15 @@ fn chaos(name: &str, extra: &[&str]) -> Value {
     assert_eq!(n("duplicates_shown"), 0);
     assert_eq!(n("out_of_order"), 0);
     assert_eq!(n("clients_stopped"), 0);
+    assert_eq!(
+        n("unexpected"),
+        0,
+        "nothing arrives that a device was not owed"
+    );
+    assert!(
+        n("acknowledged") * 2 >= n("sent"),
+        "most sends acknowledged: {r}"
+    );
     let devices = r["delivered_per_device"].as_array().unwrap();
     assert_eq!(devices.len(), 4 * 2 + 4);
     for d in devices {

@@ -121,6 +121,8 @@ pub struct Report {
     pub unconfirmed_delivered_once: usize,
     pub unconfirmed_not_delivered: usize,
     pub clients_stopped: usize,
+    /// Deliveries a device was not owed (wrong recipient, failed send, bad body).
+    pub unexpected: usize,
     pub send_seconds: f64,
     pub settle_seconds: f64,
     pub problems: Vec<String>,
@@ -197,6 +199,23 @@ impl Env {
         }
         cmd.spawn()
             .map_err(|e| format!("cannot start the server: {e}"))
+    }
+}
+
+impl Env {
+    /// Waits until the server accepts TCP connections (20 s at most) and is still alive.
+    fn wait_ready(&self, child: &mut Child) -> bool {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+            if std::net::TcpStream::connect_timeout(&self.listen, Duration::from_secs(1)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 }
 
@@ -345,6 +364,10 @@ fn parse_body(b: &[u8]) -> Option<(MsgKey, usize)> {
 #[derive(Default)]
 struct DeviceLog {
     received: Vec<MsgKey>,
+    /// The recipient each message named, by arrival.
+    addressed_to: Vec<usize>,
+    /// Entries whose body is not a chaos message.
+    unparsable: usize,
 }
 
 struct Device {
@@ -445,7 +468,12 @@ async fn drive(
         let stopped = stopped.clone();
         let mut events = client.events();
         tokio::spawn(async move {
-            while let Ok(e) = events.recv().await {
+            loop {
+                let e = match events.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                };
                 if let ClientEvent::Stopped(err) = e {
                     if !matches!(err, ClientError::Closed) {
                         tracing::error!(%err, "a chaos client stopped");
@@ -460,8 +488,13 @@ async fn drive(
                 tokio::select! {
                     entry = client.recv() => match entry {
                         Some(entry) => {
-                            if let Some((key, _)) = parse_body(&entry.body) {
-                                log.lock().received.push(key);
+                            let mut log = log.lock();
+                            match parse_body(&entry.body) {
+                                Some((key, recipient)) => {
+                                    log.received.push(key);
+                                    log.addressed_to.push(recipient);
+                                }
+                                None => log.unparsable += 1,
                             }
                         }
                         None => break,
@@ -554,6 +587,15 @@ async fn drive(
                 + slot * (i as f64 + server_rng.random_range(0.2..0.8));
             let wait = Duration::from_secs_f64(at).saturating_sub(started.elapsed());
             std::thread::sleep(wait);
+            // The server must still be up: a restart that died on its own (e.g. a store
+            // that would not open after a power cut) is a failure, not a kill.
+            if let Ok(Some(status)) = child.try_wait() {
+                return (
+                    done,
+                    Err(format!("the server exited by itself: {status}")),
+                    None,
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
             done.push(*crash);
@@ -562,6 +604,13 @@ async fn drive(
             match server_env.spawn_server(next) {
                 Ok(c) => child = c,
                 Err(e) => return (done, Err(e), None),
+            }
+            if !server_env.wait_ready(&mut child) {
+                return (
+                    done,
+                    Err("a restarted server never accepted connections".into()),
+                    None,
+                );
             }
         }
         (done, Ok(()), Some(child))
@@ -617,11 +666,12 @@ async fn drive(
         })
     });
 
+    let mut sender_panics = 0;
     for t in sender_tasks {
-        let _ = t.await;
+        sender_panics += usize::from(t.await.is_err());
     }
     report.send_seconds = started.elapsed().as_secs_f64();
-    let (done, server_result, final_server) = server_task.await.map_err(|e| e.to_string())?;
+    let (done, server_result, mut final_server) = server_task.await.map_err(|e| e.to_string())?;
     chaos_on.store(false, Ordering::Relaxed);
     let (reset, silent) = killer.0.await.map_err(|e| e.to_string())?;
     if let Some(t) = lab_task {
@@ -675,6 +725,17 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     report.settle_seconds = settle_start.elapsed().as_secs_f64();
+    // A quiet period longer than a silent link takes to be noticed (heartbeat + 2 P +
+    // grace), so late replays or late commits of unconfirmed sends would be seen too.
+    tokio::time::sleep(HEARTBEAT + Duration::from_millis(3 * PONG_MS) + Duration::from_secs(2))
+        .await;
+    let _ = stop_tx.send(true);
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), r).await;
+    }
+    let final_alive = final_server
+        .as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
 
     // Verdict per device.
     // Unconfirmed messages: delivered to how many of their recipient's devices.
@@ -697,6 +758,40 @@ async fn drive(
             }
         }
         report.duplicates_shown += count.values().map(|c| c - 1).sum::<usize>();
+        // Nothing arrives that this device was not owed: the right recipient (or the
+        // sender's own copies), a send that was acknowledged or unconfirmed, a chaos body.
+        let misaddressed = log
+            .received
+            .iter()
+            .zip(&log.addressed_to)
+            .filter(|(k, r)| match (d.recipient, d.sender) {
+                (Some(rr), _) => **r != rr,
+                (None, Some(s)) => k.sender != s,
+                _ => true,
+            })
+            .count();
+        let never_sent = log
+            .received
+            .iter()
+            .filter(|k| {
+                !matches!(
+                    outcomes.get(k),
+                    Some((_, Outcome::Acked | Outcome::Unconfirmed))
+                )
+            })
+            .count();
+        for (what, n) in [
+            ("misaddressed", misaddressed),
+            ("of a failed or unknown send", never_sent),
+            ("unparsable", log.unparsable),
+        ] {
+            if n > 0 {
+                report.unexpected += n;
+                report
+                    .problems
+                    .push(format!("{}: {n} deliveries {what}", d.name));
+            }
+        }
         let lost = want.iter().filter(|k| !count.contains_key(k)).count();
         report.lost += lost;
         if lost > 0 {
@@ -742,6 +837,20 @@ async fn drive(
             .problems
             .push(format!("{} sends failed outright", report.send_errors));
     }
+    if report.sent != args.messages || sender_panics > 0 {
+        report.problems.push(format!(
+            "{} of {} messages sent ({sender_panics} sender tasks panicked)",
+            report.sent, args.messages
+        ));
+    }
+    if report.acknowledged == 0 {
+        report.problems.push("nothing was acknowledged".into());
+    }
+    if !final_alive {
+        report
+            .problems
+            .push("the server was not running at the end".into());
+    }
     if report.clients_stopped > 0 {
         report
             .problems
@@ -753,10 +862,6 @@ async fn drive(
             .push("not every planned server crash happened".into());
     }
 
-    let _ = stop_tx.send(true);
-    for r in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(10), r).await;
-    }
     if let Some(mut server) = final_server {
         let _ = server.kill();
         let _ = server.wait();
