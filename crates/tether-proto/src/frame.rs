@@ -69,6 +69,9 @@ pub fn kind_of(frame: &Frame) -> u8 {
         Frame::Kick(_) => kind::KICK,
         Frame::GoAway(_) => kind::GO_AWAY,
         Frame::Error(_) => kind::ERROR,
+        Frame::GroupChange(_) => kind::GROUP,
+        Frame::Query(_) => kind::QUERY,
+        Frame::QueryResult(_) => kind::QUERY_RESULT,
     }
 }
 
@@ -89,6 +92,9 @@ pub fn encode_payload(frame: &Frame) -> Vec<u8> {
         Frame::Kick(m) => m.encode_to_vec(),
         Frame::GoAway(m) => m.encode_to_vec(),
         Frame::Error(m) => m.encode_to_vec(),
+        Frame::GroupChange(m) => m.encode_to_vec(),
+        Frame::Query(m) => m.encode_to_vec(),
+        Frame::QueryResult(m) => m.encode_to_vec(),
     }
 }
 
@@ -124,6 +130,9 @@ pub fn from_raw(raw: &RawFrame) -> Result<Frame, DecodeError> {
         kind::KICK => Frame::Kick(payload(k, p)?),
         kind::GO_AWAY => Frame::GoAway(payload(k, p)?),
         kind::ERROR => Frame::Error(payload(k, p)?),
+        kind::GROUP => Frame::GroupChange(payload(k, p)?),
+        kind::QUERY => Frame::Query(payload(k, p)?),
+        kind::QUERY_RESULT => Frame::QueryResult(payload(k, p)?),
         other => {
             return Err(match kind::class(other) {
                 KindClass::Ignorable => DecodeError::UnknownIgnorable(other),
@@ -187,6 +196,35 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
                 return missing("conversation");
             }
         }
+        Frame::GroupChange(g) => {
+            if g.client_msg_id.len() != crate::CLIENT_MSG_ID_LEN {
+                return missing("client_msg_id");
+            }
+            if g.group.is_empty() || g.group.len() > MAX_ID_LEN {
+                return missing("group");
+            }
+            if g.members
+                .iter()
+                .any(|m| m.is_empty() || m.len() > MAX_ID_LEN)
+                || g.name.len() > MAX_ID_LEN
+            {
+                return missing("members");
+            }
+            match pb::GroupOp::try_from(g.op) {
+                Ok(pb::GroupOp::Unspecified) | Err(_) => return missing("op"),
+                Ok(_) => {}
+            }
+        }
+        Frame::Query(q) => match &q.what {
+            None => return missing("what"),
+            Some(pb::query::What::Group(g)) if g.group.is_empty() || g.group.len() > MAX_ID_LEN => {
+                return missing("group");
+            }
+            Some(pb::query::What::Conversations(c)) if c.after.len() > MAX_ID_LEN + 2 => {
+                return missing("after");
+            }
+            Some(_) => {}
+        },
         Frame::Sync(s) => {
             if s.from_seq == 0 {
                 return missing("from_seq");
@@ -203,7 +241,8 @@ pub fn validate(frame: &Frame) -> Result<(), DecodeError> {
         | Frame::SyncDone(_)
         | Frame::Kick(_)
         | Frame::GoAway(_)
-        | Frame::Error(_) => {}
+        | Frame::Error(_)
+        | Frame::QueryResult(_) => {}
     }
     Ok(())
 }
@@ -237,6 +276,7 @@ pub fn error(code: pb::ErrorCode, reason: impl Into<String>, fatal: bool) -> Fra
         retry_after_ms: 0,
         fatal,
         client_msg_id: Default::default(),
+        query_id: 0,
     })
 }
 
@@ -257,6 +297,7 @@ mod tests {
             content_type: "text/plain".into(),
             ts_ms: 1_700_000_000_000,
             r#type: pb::EntryType::Message as i32,
+            incoming: 3,
         };
         vec![
             Frame::Hello(pb::Hello {
@@ -319,6 +360,33 @@ mod tests {
                 alternate_address: String::new(),
             }),
             error(pb::ErrorCode::AuthFailed, "bad token", true),
+            Frame::GroupChange(pb::GroupChange {
+                client_msg_id: vec![2u8; 16].into(),
+                group: "family".into(),
+                op: pb::GroupOp::Add as i32,
+                members: vec!["carol".into()],
+                name: String::new(),
+            }),
+            Frame::Query(pb::Query {
+                id: 3,
+                what: Some(pb::query::What::Group(pb::GetGroup {
+                    group: "family".into(),
+                })),
+            }),
+            Frame::QueryResult(pb::QueryResult {
+                id: 3,
+                conversations: vec![pb::Conversation {
+                    id: "g:family".into(),
+                    last_seq: 4,
+                    last_ts_ms: 5,
+                    unread: 1,
+                    read_up_to: 3,
+                    incoming: 2,
+                }],
+                more: false,
+                groups: Vec::new(),
+                group: None,
+            }),
         ]
     }
 

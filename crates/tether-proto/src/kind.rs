@@ -22,6 +22,9 @@ pub const RECEIPT: u8 = 0x0B;
 pub const KICK: u8 = 0x0C;
 pub const GO_AWAY: u8 = 0x0D;
 pub const ERROR: u8 = 0x0E;
+pub const GROUP: u8 = 0x0F;
+pub const QUERY: u8 = 0x10;
+pub const QUERY_RESULT: u8 = 0x11;
 
 /// What a receiver must do with a kind it does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,9 @@ pub fn name(kind: u8) -> &'static str {
         KICK => "KICK",
         GO_AWAY => "GOAWAY",
         ERROR => "ERROR",
+        GROUP => "GROUP",
+        QUERY => "QUERY",
+        QUERY_RESULT => "QUERY_RESULT",
         _ => "UNKNOWN",
     }
 }

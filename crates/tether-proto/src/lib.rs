@@ -50,3 +50,29 @@ pub fn max_body(max_frame: usize) -> usize {
 
 /// Length of a client message id, in bytes.
 pub const CLIENT_MSG_ID_LEN: usize = 16;
+
+/// Conversations with a group are named `g:<group>`; user ids may not start with it.
+pub const GROUP_PREFIX: &str = "g:";
+
+/// Longest group id, in bytes.
+pub const MAX_GROUP_ID_LEN: usize = 64;
+
+/// The conversation id of group `group`.
+pub fn group_conversation(group: &str) -> String {
+    format!("{GROUP_PREFIX}{group}")
+}
+
+/// The group a conversation id names, if it names one.
+pub fn conversation_group(conversation: &str) -> Option<&str> {
+    conversation.strip_prefix(GROUP_PREFIX)
+}
+
+/// Whether `group` is a valid group id: 1 to [`MAX_GROUP_ID_LEN`] bytes of ASCII
+/// letters, digits, `.`, `_` and `-`.
+pub fn valid_group_id(group: &str) -> bool {
+    !group.is_empty()
+        && group.len() <= MAX_GROUP_ID_LEN
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tether_proto::{Frame, frame, pb};
 use tether_server::{Server, ServerConfig};
 use tether_store::{
-    AppendOutcome, AppendRequest, Durability, EmbeddedStore, EntryKind, InboxTarget, SimulatedDisk,
-    Store,
+    Action, AppendOutcome, AppendRequest, Durability, EmbeddedStore, EntryKind, InboxTarget,
+    SimulatedDisk, Store,
 };
 use tether_transport::{Transport, flush, recv};
 
@@ -141,7 +141,7 @@ async fn one_round(seed: u64, torn: bool) -> (usize, usize) {
             sender: sender.clone(),
             sender_device: "d".into(),
             client_msg_id: *id,
-            targets: vec![
+            action: Action::Message(vec![
                 InboxTarget {
                     user: "bob".into(),
                     conversation: sender.clone(),
@@ -150,10 +150,9 @@ async fn one_round(seed: u64, torn: bool) -> (usize, usize) {
                     user: sender.clone(),
                     conversation: "bob".into(),
                 },
-            ],
+            ]),
             body: body.clone(),
             content_type: String::new(),
-            kind: EntryKind::Message,
             ts_ms: 0,
         };
         match &store.append(&[again]).unwrap()[0] {

@@ -22,16 +22,27 @@
 //! | `inbox`   | `(uid, seq)`                                    | protobuf `tether.v1.Entry` (seq included) |
 //! | `dedup`   | `(sender uid, fnv1a(sender_device), client_msg_id)` | `(message_id, sender_seq, ts_ms)`     |
 //! | `cursors` | `(user, device)`                                | `(inbox_epoch, acked_seq, last_seen_ms)`  |
+//! | `convs`   | `(uid, conversation)`                           | `(last_seq, last_ts, last_message_id, incoming, read_seq, read_incoming)` |
+//! | `groups`  | group                                           | protobuf `tether.v1.GroupSummary`         |
+//! | `members` | `(group, user)`                                 | `(joined, delivered, read, notified_delivered, notified_read)` (message ids) |
+//! | `user_groups` | `(uid, group)`                              | joined message id                         |
+//! | `group_sent`  | `(group, sender uid, message_id)`           | `ts_ms` (what the aggregated receipts look up) |
+//! | `delivered`   | uid                                         | seq up to which delivered receipts were written |
+//!
+//! What a batch writes is in [`write`]; the receipt and group rules are documented there.
+
+mod write;
+
+pub use write::{DELIVERED_SCAN, GROUP_CONTENT_TYPE, RECEIPT_CONTENT_TYPE};
 
 use crate::{
-    AppendOutcome, AppendRequest, Committed, CompactPolicy, CompactStats, DeviceCursor, Durability,
-    EntryKind, InboxInfo, Store, StoreError, StoredEntry,
+    AppendOutcome, AppendRequest, CompactPolicy, CompactStats, DeviceCursor, Durability, EntryKind,
+    InboxInfo, Store, StoreError, StoredEntry,
 };
 use prost::Message;
 use rand::Rng;
 use redb::{BackendError, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 use std::collections::HashMap;
-use std::collections::hash_map::Entry as MapEntry;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::ops::Bound;
@@ -49,6 +60,16 @@ type DedupKey = (u64, u64, &'static [u8; 16]);
 type DedupValue = (u64, u64, u64);
 const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition::new("dedup");
 const CURSORS: TableDefinition<(&str, &str), (u64, u64, u64)> = TableDefinition::new("cursors");
+/// `(last_seq, last_ts, last_message_id, incoming, read_seq, read_incoming)`.
+type ConvValue = (u64, u64, u64, u64, u64, u64);
+const CONVS: TableDefinition<(u64, &str), ConvValue> = TableDefinition::new("convs");
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+/// `(joined, delivered, read, notified_delivered, notified_read)`, all message ids.
+type MemberValue = (u64, u64, u64, u64, u64);
+const MEMBERS: TableDefinition<(&str, &str), MemberValue> = TableDefinition::new("members");
+const USER_GROUPS: TableDefinition<(u64, &str), u64> = TableDefinition::new("user_groups");
+const GROUP_SENT: TableDefinition<(&str, u64, u64), u64> = TableDefinition::new("group_sent");
+const DELIVERED: TableDefinition<u64, u64> = TableDefinition::new("delivered");
 
 const EPOCH_KEY: &str = "epoch";
 const NEXT_MESSAGE_ID_KEY: &str = "next_message_id";
@@ -208,6 +229,12 @@ fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
         txn.open_table(INBOX)?;
         txn.open_table(DEDUP)?;
         txn.open_table(CURSORS)?;
+        txn.open_table(CONVS)?;
+        txn.open_table(GROUPS)?;
+        txn.open_table(MEMBERS)?;
+        txn.open_table(USER_GROUPS)?;
+        txn.open_table(GROUP_SENT)?;
+        txn.open_table(DELIVERED)?;
         let stored = meta.get(EPOCH_KEY)?.map(|guard| guard.value());
         match stored {
             Some(0) => return Err(StoreError::Corrupt("store epoch is 0".into())),
@@ -225,35 +252,6 @@ fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
     Ok(epoch)
 }
 
-/// The uid of `user` inside an append: from this batch, the cache, the table, or newly
-/// assigned (marked `true`, cached only once the batch commits).
-fn uid_in_batch<'b>(
-    user: &'b str,
-    users: &mut redb::Table<&str, u64>,
-    batch_uids: &mut HashMap<&'b str, (u64, bool)>,
-    cached: &HashMap<String, u64>,
-    next_uid: &mut u64,
-) -> Result<u64, StoreError> {
-    if let Some((uid, _)) = batch_uids.get(user) {
-        return Ok(*uid);
-    }
-    let found = match cached.get(user) {
-        Some(uid) => Some(*uid),
-        None => users.get(user)?.map(|g| g.value()),
-    };
-    let entry = match found {
-        Some(uid) => (uid, false),
-        None => {
-            let uid = *next_uid;
-            *next_uid += 1;
-            users.insert(user, uid)?;
-            (uid, true)
-        }
-    };
-    batch_uids.insert(user, entry);
-    Ok(entry.0)
-}
-
 /// 64-bit FNV-1a: a stable hash of a device id for dedup keys (stable across builds,
 /// unlike std's hasher).
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -262,141 +260,22 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Head and low watermark of one inbox while a batch is being appended.
-struct InboxHead {
-    head: u64,
-    low: u64,
-    /// Message that last took a seq here: a user listed twice in `targets` gets one copy.
-    last_message_id: u64,
-}
-
 impl Store for EmbeddedStore {
     fn append(&self, batch: &[AppendRequest]) -> Result<Vec<AppendOutcome>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let txn = self.begin_write()?;
-        let outcomes = {
-            let mut meta = txn.open_table(META)?;
-            let mut users = txn.open_table(USERS)?;
-            let mut heads = txn.open_table(HEADS)?;
-            let mut inbox = txn.open_table(INBOX)?;
-            let mut dedup = txn.open_table(DEDUP)?;
-            let mut next_message_id = meta
-                .get(NEXT_MESSAGE_ID_KEY)?
-                .map(|guard| guard.value())
-                .ok_or_else(|| StoreError::Corrupt("next message id missing".into()))?;
-            let mut next_uid = meta
-                .get(NEXT_UID_KEY)?
-                .map(|guard| guard.value())
-                .ok_or_else(|| StoreError::Corrupt("next uid missing".into()))?;
-            // uids met or assigned in this batch; new ones reach the cache only after
-            // the commit succeeds.
-            let mut batch_uids: HashMap<&str, (u64, bool)> = HashMap::new();
-            let cached = self.uids.read();
-
-            // Heads are read once per batch and written back once at the end.
-            let mut touched: HashMap<u64, InboxHead> = HashMap::new();
-            // One entry and one buffer reused for every copy: strings keep their capacity.
-            let mut entry = pb::Entry::default();
-            let mut encoded = Vec::new();
+        let cached = self.uids.read();
+        let (outcomes, assigned) = {
+            let mut writer = write::Writer::open(&txn, &cached)?;
             let mut outcomes = Vec::with_capacity(batch.len());
-
             for req in batch {
-                let dedup_key = (
-                    uid_in_batch(
-                        &req.sender,
-                        &mut users,
-                        &mut batch_uids,
-                        &cached,
-                        &mut next_uid,
-                    )?,
-                    fnv1a(req.sender_device.as_bytes()),
-                    &req.client_msg_id,
-                );
-                // Keys inserted earlier in this transaction are visible here too, so
-                // duplicates inside the batch are caught the same way.
-                if let Some(original) = dedup.get(dedup_key)? {
-                    let (message_id, sender_seq, ts_ms) = original.value();
-                    outcomes.push(AppendOutcome::Duplicate(Committed {
-                        message_id,
-                        sender_seq,
-                        ts_ms,
-                    }));
-                    continue;
-                }
-
-                let message_id = next_message_id;
-                next_message_id += 1;
-                set_entry(&mut entry, req, message_id);
-                let mut sender_seq = 0;
-                let mut new_heads = Vec::with_capacity(req.targets.len());
-                for target in &req.targets {
-                    let uid = uid_in_batch(
-                        &target.user,
-                        &mut users,
-                        &mut batch_uids,
-                        &cached,
-                        &mut next_uid,
-                    )?;
-                    let inbox_head = match touched.entry(uid) {
-                        MapEntry::Occupied(slot) => slot.into_mut(),
-                        MapEntry::Vacant(slot) => {
-                            let (head, low) =
-                                heads.get(uid)?.map(|guard| guard.value()).unwrap_or((0, 1));
-                            slot.insert(InboxHead {
-                                head,
-                                low,
-                                last_message_id: 0,
-                            })
-                        }
-                    };
-                    if inbox_head.last_message_id == message_id {
-                        continue;
-                    }
-                    inbox_head.last_message_id = message_id;
-                    inbox_head.head += 1;
-                    let seq = inbox_head.head;
-
-                    entry.seq = seq;
-                    entry.conversation.clear();
-                    entry.conversation.push_str(&target.conversation);
-                    encoded.clear();
-                    entry.encode(&mut encoded).map_err(|e| {
-                        StoreError::Engine(format!("encoding inbox entry failed: {e}"))
-                    })?;
-                    inbox.insert((uid, seq), encoded.as_slice())?;
-
-                    if target.user == req.sender {
-                        sender_seq = seq;
-                    }
-                    new_heads.push((target.user.clone(), seq));
-                }
-                dedup.insert(dedup_key, (message_id, sender_seq, req.ts_ms))?;
-                outcomes.push(AppendOutcome::New {
-                    ack: Committed {
-                        message_id,
-                        sender_seq,
-                        ts_ms: req.ts_ms,
-                    },
-                    heads: new_heads,
-                });
+                outcomes.push(writer.apply(req)?);
             }
-
-            for (uid, inbox_head) in &touched {
-                heads.insert(*uid, (inbox_head.head, inbox_head.low))?;
-            }
-            meta.insert(NEXT_MESSAGE_ID_KEY, next_message_id)?;
-            meta.insert(NEXT_UID_KEY, next_uid)?;
-            let assigned: Vec<(String, u64)> = batch_uids
-                .into_iter()
-                .filter(|(_, (_, new))| *new)
-                .map(|(user, (uid, _))| (user.to_owned(), uid))
-                .collect();
-            drop(cached);
-            (outcomes, assigned)
+            (outcomes, writer.finish()?)
         };
-        let (outcomes, assigned) = outcomes;
+        drop(cached);
         // An early return above drops `txn`, which aborts it: nothing is committed.
         txn.commit()?;
         if !assigned.is_empty() {
@@ -527,6 +406,8 @@ impl Store for EmbeddedStore {
             let mut inbox = txn.open_table(INBOX)?;
             let mut dedup = txn.open_table(DEDUP)?;
             let mut cursors = txn.open_table(CURSORS)?;
+            let delivered = txn.open_table(DELIVERED)?;
+            let mut group_sent = txn.open_table(GROUP_SENT)?;
 
             // uid → smallest acked seq over the user's live devices.
             let mut acked_floors: HashMap<u64, u64> = HashMap::new();
@@ -564,9 +445,14 @@ impl Store for EmbeddedStore {
                 }
                 // Everything at or below every live device's cursor may go (a cursor
                 // can never be above head, but a corrupt one must not move low past it).
-                let acked_low = acked_floors
-                    .get(&uid)
-                    .map_or(low, |floor| floor.saturating_add(1).clamp(low, head + 1));
+                // Nothing goes before its delivered receipts were written.
+                let delivered_up_to = delivered.get(uid)?.map_or(0, |g| g.value());
+                let acked_low = acked_floors.get(&uid).map_or(low, |floor| {
+                    (*floor)
+                        .min(delivered_up_to)
+                        .saturating_add(1)
+                        .clamp(low, head + 1)
+                });
                 let mut new_low = acked_low;
                 if new_low <= head {
                     for item in inbox.range((uid, new_low)..=(uid, head))? {
@@ -597,6 +483,8 @@ impl Store for EmbeddedStore {
                 stats.dedup_keys += u64::from(!keep);
                 keep
             })?;
+            // What aggregated group receipts look up goes with retention too.
+            group_sent.retain(|_, ts_ms| ts_ms >= policy.entries_before_ms)?;
             cursors.retain(|_, (_, _, last_seen_ms)| {
                 let keep = last_seen_ms >= policy.devices_before_ms;
                 stats.devices += u64::from(!keep);
@@ -611,6 +499,78 @@ impl Store for EmbeddedStore {
     fn durability(&self) -> Durability {
         self.durability
     }
+
+    fn conversations(
+        &self,
+        user: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<pb::Conversation>, StoreError> {
+        let Some(uid) = self.uid(user)? else {
+            return Ok(Vec::new());
+        };
+        let txn = self.db.begin_read()?;
+        let convs = txn.open_table(CONVS)?;
+        let mut out = Vec::new();
+        for item in convs.range((uid, after)..)? {
+            let (key, value) = item?;
+            let (owner, conversation) = key.value();
+            if owner != uid || out.len() >= limit {
+                break;
+            }
+            if conversation == after {
+                continue;
+            }
+            out.push(write::conversation_pb(
+                conversation.to_owned(),
+                value.value(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn groups_of(&self, user: &str) -> Result<Vec<pb::GroupSummary>, StoreError> {
+        let Some(uid) = self.uid(user)? else {
+            return Ok(Vec::new());
+        };
+        let txn = self.db.begin_read()?;
+        let user_groups = txn.open_table(USER_GROUPS)?;
+        let groups = txn.open_table(GROUPS)?;
+        let mut out = Vec::new();
+        for item in user_groups.range((uid, "")..)? {
+            let (key, _) = item?;
+            let (owner, group) = key.value();
+            if owner != uid {
+                break;
+            }
+            if let Some(summary) = groups.get(group)? {
+                out.push(
+                    pb::GroupSummary::decode(summary.value())
+                        .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn group(&self, group: &str) -> Result<Option<pb::GroupInfo>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let groups = txn.open_table(GROUPS)?;
+        let Some(summary) = groups.get(group)? else {
+            return Ok(None);
+        };
+        let summary = pb::GroupSummary::decode(summary.value())
+            .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?;
+        let members = txn.open_table(MEMBERS)?;
+        let members = write::member_rows(&members, group)?
+            .into_iter()
+            .map(|(user, row)| write::member_pb(user, &row))
+            .collect();
+        Ok(Some(pb::GroupInfo {
+            summary: Some(summary),
+            members,
+        }))
+    }
 }
 
 /// A `cursors` table value as a [`DeviceCursor`].
@@ -620,23 +580,6 @@ fn device_cursor((inbox_epoch, acked_seq, last_seen_ms): (u64, u64, u64)) -> Dev
         acked_seq,
         last_seen_ms,
     }
-}
-
-/// Fills the per-message fields of `entry` (seq and conversation are set per inbox).
-fn set_entry(entry: &mut pb::Entry, req: &AppendRequest, message_id: u64) {
-    entry.message_id = message_id;
-    entry.from.clear();
-    entry.from.push_str(&req.sender);
-    entry.from_device.clear();
-    entry.from_device.push_str(&req.sender_device);
-    entry.body = req.body.clone();
-    entry.content_type.clear();
-    entry.content_type.push_str(&req.content_type);
-    entry.ts_ms = req.ts_ms;
-    entry.r#type = match req.kind {
-        EntryKind::Message => pb::EntryType::Message,
-        EntryKind::Receipt => pb::EntryType::Receipt,
-    } as i32;
 }
 
 /// Decodes the stored entry at `(user, seq)`; anything unexpected is [`StoreError::Corrupt`].
@@ -649,6 +592,7 @@ fn decode_entry(user: &str, seq: u64, bytes: &[u8]) -> Result<StoredEntry, Store
     let kind = match pb::EntryType::try_from(entry.r#type) {
         Ok(pb::EntryType::Message) => EntryKind::Message,
         Ok(pb::EntryType::Receipt) => EntryKind::Receipt,
+        Ok(pb::EntryType::Membership) => EntryKind::Membership,
         _ => return Err(corrupt(format!("unknown entry type {}", entry.r#type))),
     };
     Ok(StoredEntry {
@@ -661,6 +605,7 @@ fn decode_entry(user: &str, seq: u64, bytes: &[u8]) -> Result<StoredEntry, Store
         content_type: entry.content_type,
         ts_ms: entry.ts_ms,
         kind,
+        incoming: entry.incoming,
     })
 }
 

@@ -16,6 +16,7 @@ pub mod sim_disk;
 
 use bytes::Bytes;
 use std::fmt;
+use tether_proto::pb;
 use thiserror::Error;
 
 pub use embedded::EmbeddedStore;
@@ -57,8 +58,10 @@ impl fmt::Display for Durability {
 pub enum EntryKind {
     /// A message someone sent.
     Message,
-    /// A read receipt.
+    /// A delivered or read receipt (body: `tether.v1.ReceiptBody`).
     Receipt,
+    /// A group membership change (body: `tether.v1.GroupEvent`).
+    Membership,
 }
 
 /// One inbox an appended message lands in.
@@ -70,27 +73,108 @@ pub struct InboxTarget {
     pub conversation: String,
 }
 
-/// One message to commit: it gets one seq in every target inbox, in one atomic record
-/// together with its dedup key `(sender, sender_device, client_msg_id)`.
+/// What an [`AppendRequest`] does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A message into these inboxes. For 1:1 the recipient's and the sender's own (the
+    /// sender's other devices see what it sent); `sender_seq` is the seq there.
+    Message(Vec<InboxTarget>),
+    /// A message into the inbox of every current member of the group, the sender's
+    /// included; the sender must be a member.
+    GroupMessage(String),
+    /// A membership change, recorded as an [`EntryKind::Membership`] entry in the inbox
+    /// of every member before and after it. `body` is ignored.
+    Group(GroupChange),
+    /// The sender read its inbox up to `up_to_seq` in `conversation`: moves its unread
+    /// count, echoes a read receipt to its own devices and sends one to the peer (or
+    /// moves its read mark in the group). Not deduplicated: marks only move forward.
+    Read(ReadMark),
+    /// A device of the sender holds its inbox up to `up_to_seq`: delivered receipts go
+    /// to the senders of what it newly covers (or group marks move). Not deduplicated.
+    Delivered {
+        /// Highest seq held.
+        up_to_seq: u64,
+    },
+}
+
+/// A read position, as the reader's device saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMark {
+    /// The conversation, as seen from the reader's inbox.
+    pub conversation: String,
+    /// Seq, in the reader's inbox, of the last entry of the conversation read.
+    pub up_to_seq: u64,
+    /// That entry's message id and `incoming` count, as delivered. Used only when the
+    /// entry was compacted away (the stored entry wins otherwise), and clamped.
+    pub message_id: u64,
+    /// See `message_id`.
+    pub incoming: u64,
+}
+
+/// A group membership change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupChange {
+    /// Group id ([`tether_proto::valid_group_id`]).
+    pub group: String,
+    /// What changes.
+    pub op: GroupOp,
+    /// Users created with, added or removed (empty for leave).
+    pub members: Vec<String>,
+    /// Display name (create).
+    pub name: String,
+    /// Most members the group may have.
+    pub max_members: u32,
+}
+
+/// Membership operations. Policy: any member adds; only the owner removes; anyone
+/// leaves; an owner who leaves passes ownership to the longest-standing member; a
+/// group whose last member left stays as a tombstone (its id is not reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOp {
+    /// Create with the sender as owner.
+    Create,
+    /// Add members.
+    Add,
+    /// Remove members (owner only).
+    Remove,
+    /// The sender leaves.
+    Leave,
+}
+
+/// One operation to commit: a message (with its dedup key `(sender, sender_device,
+/// client_msg_id)`, one seq in every target inbox, in one atomic record), a membership
+/// change (deduplicated the same way), or a receipt mark.
 #[derive(Debug, Clone)]
 pub struct AppendRequest {
     /// Sending user.
     pub sender: String,
     /// Sending device.
     pub sender_device: String,
-    /// Client message id, unique per sender device.
+    /// Client message id, unique per sender device (ignored by marks).
     pub client_msg_id: [u8; 16],
-    /// Inboxes to append to. The sender's own inbox is one of them when the sender's
-    /// other devices must see what it sent; `sender_seq` is the seq there.
-    pub targets: Vec<InboxTarget>,
+    /// What to do.
+    pub action: Action,
     /// Opaque body.
     pub body: Bytes,
     /// MIME-like content type, may be empty.
     pub content_type: String,
-    /// Entry kind.
-    pub kind: EntryKind,
     /// Server timestamp, ms since the Unix epoch.
     pub ts_ms: u64,
+}
+
+/// Why an operation was refused (nothing was written for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refuse {
+    /// Not a member, not the owner, not a conversation of the sender's inbox.
+    Forbidden,
+    /// The group would exceed its member cap.
+    GroupFull,
+    /// No such group.
+    NotFound,
+    /// Contradicts the state (exists already, already a member, not a member).
+    Conflict,
+    /// Malformed (a bad id, a seq outside the inbox or the conversation).
+    BadRequest,
 }
 
 /// What the sender is told: the SEND_ACK content.
@@ -116,6 +200,13 @@ pub enum AppendOutcome {
     },
     /// The dedup key was already known: nothing was written; this is the original ack.
     Duplicate(Committed),
+    /// Refused: nothing was written.
+    Refused {
+        /// The category (maps to a protocol error code).
+        code: Refuse,
+        /// For the peer.
+        reason: String,
+    },
 }
 
 /// A stored inbox entry.
@@ -139,6 +230,8 @@ pub struct StoredEntry {
     pub ts_ms: u64,
     /// Entry kind.
     pub kind: EntryKind,
+    /// Messages from others in this conversation in this inbox up to this entry.
+    pub incoming: u64,
 }
 
 /// Where an inbox stands.
@@ -273,4 +366,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// The durability this store commits with.
     fn durability(&self) -> Durability;
+
+    /// The conversations of `user`'s inbox ordered by id, after `after`, at most `limit`.
+    fn conversations(
+        &self,
+        user: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<pb::Conversation>, StoreError>;
+
+    /// The groups `user` is a member of, by group id.
+    fn groups_of(&self, user: &str) -> Result<Vec<pb::GroupSummary>, StoreError>;
+
+    /// A group with its members and their marks; `None` if it does not exist (a group
+    /// every member left has no members).
+    fn group(&self, group: &str) -> Result<Option<pb::GroupInfo>, StoreError>;
 }

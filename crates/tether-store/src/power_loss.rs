@@ -337,20 +337,19 @@ mod tests {
 
     #[test]
     fn a_store_on_it_keeps_every_commit_that_returned_across_a_crash() {
-        use crate::{AppendRequest, Durability, EmbeddedStore, EntryKind, InboxTarget, Store};
+        use crate::{Action, AppendRequest, Durability, EmbeddedStore, InboxTarget, Store};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         let request = |n: u8| AppendRequest {
             sender: "alice".into(),
             sender_device: "phone".into(),
             client_msg_id: [n; 16],
-            targets: vec![InboxTarget {
+            action: Action::Message(vec![InboxTarget {
                 user: "bob".into(),
                 conversation: "alice".into(),
-            }],
+            }]),
             body: bytes::Bytes::from(vec![n; 300]),
             content_type: String::new(),
-            kind: EntryKind::Message,
             ts_ms: 1,
         };
         for round in 0..3u8 {

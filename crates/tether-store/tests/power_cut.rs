@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use std::collections::{BTreeMap, HashSet};
 use tether_store::{
-    AppendOutcome, AppendRequest, Committed, Durability, EmbeddedStore, EntryKind, InboxTarget,
+    Action, AppendOutcome, AppendRequest, Committed, Durability, EmbeddedStore, InboxTarget,
     SimulatedDisk, Store,
 };
 
@@ -63,10 +63,9 @@ impl Workload {
             sender: sender.into(),
             sender_device: format!("d{}", rng.random_range(0..2)),
             client_msg_id,
-            targets,
+            action: Action::Message(targets),
             body: Bytes::from(body),
             content_type: "application/octet-stream".into(),
-            kind: EntryKind::Message,
             ts_ms: 1_700_000_000_000 + self.next_client_id,
         }
     }
@@ -90,7 +89,7 @@ fn record(acked: &mut Vec<Acked>, batch: &[AppendRequest], outcomes: Vec<AppendO
                 ack,
                 seqs: heads,
             }),
-            AppendOutcome::Duplicate(ack) => panic!("fresh request answered duplicate {ack:?}"),
+            other => panic!("fresh request answered {other:?}"),
         }
     }
 }
@@ -197,6 +196,7 @@ fn run_power_cuts(seed: u64, rounds: usize, torn: bool) {
                 let (ack, seqs) = match outcome {
                     AppendOutcome::New { ack, heads } => (ack, heads),
                     AppendOutcome::Duplicate(ack) => (ack, Vec::new()),
+                    other => panic!("a plain message was refused: {other:?}"),
                 };
                 acked.push(Acked { req, ack, seqs });
             }

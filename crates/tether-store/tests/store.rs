@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use tether_store::{
-    AppendOutcome, AppendRequest, Committed, CompactPolicy, DeviceCursor, Durability,
+    Action, AppendOutcome, AppendRequest, Committed, CompactPolicy, DeviceCursor, Durability,
     EmbeddedStore, EntryKind, InboxTarget, SimulatedDisk, Store, StoreError, StoredEntry,
 };
 
@@ -19,10 +19,9 @@ fn send(sender: &str, device: &str, id: u8, to: &str, body: &str, ts_ms: u64) ->
         sender: sender.into(),
         sender_device: device.into(),
         client_msg_id: [id; 16],
-        targets: vec![target(to, sender), target(sender, to)],
+        action: Action::Message(vec![target(to, sender), target(sender, to)]),
         body: Bytes::copy_from_slice(body.as_bytes()),
         content_type: "text/plain".into(),
-        kind: EntryKind::Message,
         ts_ms,
     }
 }
@@ -34,7 +33,7 @@ fn memory_store() -> EmbeddedStore {
 fn new_ack(outcome: &AppendOutcome) -> Committed {
     match outcome {
         AppendOutcome::New { ack, .. } => *ack,
-        AppendOutcome::Duplicate(ack) => panic!("expected a new message, got duplicate {ack:?}"),
+        other => panic!("expected a new message, got {other:?}"),
     }
 }
 
@@ -82,6 +81,34 @@ fn set_cursor(
     store
         .set_cursors(&[(user.into(), device.into(), cursor)])
         .unwrap();
+    // As the server does on every ACK: the delivered mark follows (compaction never
+    // passes it, so delivered receipts are written before their entries go).
+    delivered(store, user, acked_seq);
+}
+
+/// Seqs of the messages (not receipts) in `user`'s inbox.
+fn message_seqs(store: &EmbeddedStore, user: &str) -> Vec<u64> {
+    all(store, user)
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Message)
+        .map(|e| e.seq)
+        .collect()
+}
+
+/// A device of `user` holds its inbox up to `seq`.
+fn delivered(store: &EmbeddedStore, user: &str, seq: u64) {
+    let outcome = store
+        .append(&[AppendRequest {
+            sender: user.into(),
+            sender_device: "d".into(),
+            client_msg_id: [0; 16],
+            action: Action::Delivered { up_to_seq: seq },
+            body: Bytes::new(),
+            content_type: String::new(),
+            ts_ms: 1,
+        }])
+        .unwrap();
+    assert!(matches!(outcome[0], AppendOutcome::New { .. }), "{outcome:?}");
 }
 
 /// `count` messages from alice's phone to bob, client ids 1..=count, at 1, 2, ... ms.
@@ -166,6 +193,7 @@ fn append_assigns_consecutive_seqs_per_inbox_and_global_message_ids() {
             content_type: "text/plain".into(),
             ts_ms: 1_001,
             kind: EntryKind::Message,
+            incoming: 1,
         }
     );
     // The sender's own copy names the recipient as the conversation.
@@ -179,19 +207,22 @@ fn append_assigns_consecutive_seqs_per_inbox_and_global_message_ids() {
 fn sender_seq_is_zero_when_the_senders_inbox_is_not_a_target() {
     let store = memory_store();
     let mut req = send("alice", "phone", 1, "bob", "x", 5);
-    req.targets.truncate(1);
-    req.kind = EntryKind::Receipt;
+    if let Action::Message(targets) = &mut req.action {
+        targets.truncate(1);
+    }
     let outcomes = store.append(&[req]).unwrap();
     assert_eq!(new_ack(&outcomes[0]).sender_seq, 0);
     assert_eq!(store.inbox_info("alice").unwrap().head, 0);
-    assert_eq!(all(&store, "bob")[0].kind, EntryKind::Receipt);
+    assert_eq!(all(&store, "bob")[0].kind, EntryKind::Message);
 }
 
 #[test]
 fn a_user_listed_twice_in_targets_gets_one_copy() {
     let store = memory_store();
     let mut req = send("alice", "phone", 1, "bob", "x", 5);
-    req.targets.push(target("bob", "g:team"));
+    if let Action::Message(targets) = &mut req.action {
+        targets.push(target("bob", "g:team"));
+    }
     let outcomes = store.append(&[req]).unwrap();
     match &outcomes[0] {
         AppendOutcome::New { heads, .. } => {
@@ -536,7 +567,7 @@ fn acked_compaction_removes_entries_up_to_the_least_advanced_live_device_keeping
     assert_eq!(seqs(&store, "bob"), vec![3, 4, 5, 6]);
     let info = store.inbox_info("bob").unwrap();
     assert_eq!((info.low, info.head), (3, 6));
-    assert_eq!(seqs(&store, "alice"), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(message_seqs(&store, "alice"), vec![1, 2, 3, 4, 5, 6]);
 
     // The laptop catches up past the phone: now the phone is the least advanced.
     set_cursor(&store, "bob", "laptop", epoch, 6, 1_100);
@@ -630,7 +661,8 @@ fn without_remove_acked_entries_every_device_has_stay_until_retention() {
     set_cursor(&store, "alice", "phone", epoch, 3, 1_000);
     assert_eq!(store.compact(&by_age(0, 500)).unwrap().entries, 0);
     assert_eq!(seqs(&store, "bob"), vec![1, 2, 3]);
-    assert_eq!(seqs(&store, "alice"), vec![1, 2, 3]);
+    // Her inbox holds bob's delivered receipt besides.
+    assert_eq!(message_seqs(&store, "alice"), vec![1, 2, 3]);
 }
 
 #[test]
@@ -643,8 +675,9 @@ fn a_dedup_key_outlives_its_entries_removed_by_acked_compaction_across_a_reopen(
         alice_to_bob(&store, 3);
         let original = new_ack(&store.append(std::slice::from_ref(&x)).unwrap()[0]);
         assert_eq!(original.sender_seq, 4);
+        // bob's delivered receipt lands in alice's inbox at 5.
         set_cursor(&store, "bob", "phone", epoch, 4, 1_000);
-        set_cursor(&store, "alice", "phone", epoch, 4, 1_000);
+        set_cursor(&store, "alice", "phone", epoch, 5, 1_000);
         store.sync().unwrap();
         original
     };
@@ -652,7 +685,7 @@ fn a_dedup_key_outlives_its_entries_removed_by_acked_compaction_across_a_reopen(
     // Restart, then every copy of every message goes: all devices have them.
     let store = EmbeddedStore::open(dir.path(), Durability::Fsync).unwrap();
     let stats = store.compact(&acked(500)).unwrap();
-    assert_eq!((stats.acked_entries, stats.dedup_keys), (8, 0));
+    assert_eq!((stats.acked_entries, stats.dedup_keys), (9, 0));
     assert!(all(&store, "bob").is_empty() && all(&store, "alice").is_empty());
 
     // The resend is still recognised: the original ack, and nothing written.
@@ -660,9 +693,9 @@ fn a_dedup_key_outlives_its_entries_removed_by_acked_compaction_across_a_reopen(
         store.append(std::slice::from_ref(&x)).unwrap(),
         vec![AppendOutcome::Duplicate(original)]
     );
-    for user in ["alice", "bob"] {
+    for (user, head) in [("alice", 5), ("bob", 4)] {
         let info = store.inbox_info(user).unwrap();
-        assert_eq!((info.low, info.head), (5, 4), "{user}");
+        assert_eq!((info.low, info.head), (head + 1, head), "{user}");
     }
     // Until its own age passes retention.
     let stats = store.compact(&by_age(11, 0)).unwrap();
