@@ -3,9 +3,9 @@
 //! through bounded channels; no protocol logic lives here.
 
 use crate::config::ClientConfig;
-use crate::driver::{Control, Driver, SendRequest};
+use crate::driver::{Control, Driver, ReadJob, SendRequest};
 use crate::error::{ClientError, DisconnectReason};
-use crate::state::{ClientMsgId, PendingSend, StateFile};
+use crate::state::{ClientMsgId, GroupAction, GroupRequest, PendingSend, StateFile};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::ops::Deref;
@@ -18,6 +18,20 @@ use tokio::task::JoinHandle;
 
 /// One inbox entry, as delivered by the server.
 pub type Entry = pb::Entry;
+
+/// What a receipt entry (`EntryType::Receipt`) says, if `entry` is one.
+pub fn receipt_of(entry: &Entry) -> Option<pb::ReceiptBody> {
+    (entry.r#type == pb::EntryType::Receipt as i32)
+        .then(|| prost::Message::decode(entry.body.as_ref()).ok())
+        .flatten()
+}
+
+/// What a membership entry (`EntryType::Membership`) says, if `entry` is one.
+pub fn group_event_of(entry: &Entry) -> Option<pb::GroupEvent> {
+    (entry.r#type == pb::EntryType::Membership as i32)
+        .then(|| prost::Message::decode(entry.body.as_ref()).ok())
+        .flatten()
+}
 
 /// Capacity of the event channel; a subscriber that lags further loses the oldest.
 const EVENT_CAPACITY: usize = 1024;
@@ -383,6 +397,7 @@ impl ClientHandle {
                 body,
                 content_type: content_type.to_string(),
                 queued_ms: 0,
+                group: None,
             },
             reply,
         };
@@ -393,6 +408,156 @@ impl ClientHandle {
             reply: outcome,
             status: self.status.clone(),
         })
+    }
+
+    /// Sends `body` to every member of `group` (the sender must be one); resolves once
+    /// committed into every member's inbox. Same outbox rules as [`ClientHandle::send`].
+    pub async fn send_to_group(&self, group: &str, body: Bytes) -> Result<SendAck, ClientError> {
+        self.send(&tether_proto::group_conversation(group), body)
+            .await
+    }
+
+    /// Creates `group` owned by this user, with `members` besides; `name` is shown to
+    /// members. Resolves when committed (the membership entry is in every member's
+    /// inbox). Refusals: `CONFLICT` (exists), `GROUP_FULL` (over the server's cap).
+    pub async fn group_create(
+        &self,
+        group: &str,
+        name: &str,
+        members: &[&str],
+    ) -> Result<SendAck, ClientError> {
+        self.group_change(group, GroupAction::Create, members, name)
+            .await
+    }
+
+    /// Adds `members` (any member may). They receive the group from this change on.
+    pub async fn group_add(&self, group: &str, members: &[&str]) -> Result<SendAck, ClientError> {
+        self.group_change(group, GroupAction::Add, members, "")
+            .await
+    }
+
+    /// Removes `members` (the owner only). They receive nothing of the group after
+    /// the membership entry that removes them.
+    pub async fn group_remove(
+        &self,
+        group: &str,
+        members: &[&str],
+    ) -> Result<SendAck, ClientError> {
+        self.group_change(group, GroupAction::Remove, members, "")
+            .await
+    }
+
+    /// Leaves `group`; an owner who leaves passes ownership on.
+    pub async fn group_leave(&self, group: &str) -> Result<SendAck, ClientError> {
+        self.group_change(group, GroupAction::Leave, &[], "").await
+    }
+
+    async fn group_change(
+        &self,
+        group: &str,
+        op: GroupAction,
+        members: &[&str],
+        name: &str,
+    ) -> Result<SendAck, ClientError> {
+        if !tether_proto::valid_group_id(group) {
+            return Err(ClientError::InvalidRequest(format!(
+                "{group:?} is not a group id (1 to 64 ASCII letters, digits, '.', '_', '-')"
+            )));
+        }
+        let (reply, outcome) = oneshot::channel();
+        let request = SendRequest {
+            send: PendingSend {
+                client_msg_id: ClientMsgId::generate(),
+                to: group.to_string(),
+                body: Bytes::new(),
+                content_type: String::new(),
+                queued_ms: 0,
+                group: Some(GroupRequest {
+                    op,
+                    members: members.iter().map(|m| m.to_string()).collect(),
+                    name: name.to_string(),
+                }),
+            },
+            reply,
+        };
+        if self.sends.send(request).await.is_err() {
+            return Err(self.stop_error());
+        }
+        SendTicket {
+            reply: outcome,
+            status: self.status.clone(),
+        }
+        .outcome()
+        .await
+    }
+
+    /// The user has read `entry` and everything before it in its conversation: the
+    /// server moves the unread count (for every device of the user), tells the user's
+    /// other devices, and sends the peer a READ receipt (in a group, moves the user's
+    /// read mark). Returns at once; the receipt is resent after a reconnect until the
+    /// server's echo arrives. Only the newest read per conversation is kept.
+    pub async fn mark_read(&self, entry: &Entry) {
+        let job = ReadJob {
+            conversation: entry.conversation.clone(),
+            seq: entry.seq,
+            message_id: entry.message_id,
+            incoming: entry.incoming,
+            tries: 0,
+            sent: false,
+        };
+        let _ = self.controls.send(Control::Read(job)).await;
+    }
+
+    /// The conversations of this user's inbox (1:1 and group) with their last seq and
+    /// unread count, as the server keeps them for all the user's devices.
+    pub async fn conversations(&self) -> Result<Vec<pb::Conversation>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let what = pb::query::What::Conversations(pb::ListConversations { after });
+            let result = self.query(what).await?;
+            let more = result.more && !result.conversations.is_empty();
+            all.extend(result.conversations);
+            if !more {
+                return Ok(all);
+            }
+            after = all.last().map(|c| c.id.clone()).unwrap_or_default();
+        }
+    }
+
+    /// The groups this user is a member of.
+    pub async fn groups(&self) -> Result<Vec<pb::GroupSummary>, ClientError> {
+        Ok(self
+            .query(pb::query::What::Groups(pb::ListGroups {}))
+            .await?
+            .groups)
+    }
+
+    /// A group's members with their delivered and read marks (members only; others
+    /// get `FORBIDDEN`). A message `m` of the group reached member `x` iff
+    /// `x.delivered_up_to >= m.message_id`, and was read by it iff `x.read_up_to >= ..`.
+    pub async fn group_info(&self, group: &str) -> Result<pb::GroupInfo, ClientError> {
+        let what = pb::query::What::Group(pb::GetGroup {
+            group: group.to_string(),
+        });
+        self.query(what)
+            .await?
+            .group
+            .ok_or_else(|| ClientError::InvalidRequest("the server sent no group".into()))
+    }
+
+    /// Asks the server once connected (again after a reconnect) and waits.
+    async fn query(&self, what: pb::query::What) -> Result<pb::QueryResult, ClientError> {
+        let (reply, outcome) = oneshot::channel();
+        if self
+            .controls
+            .send(Control::Query { what, reply })
+            .await
+            .is_err()
+        {
+            return Err(self.stop_error());
+        }
+        outcome.await.unwrap_or_else(|_| Err(self.stop_error()))
     }
 
     /// What the SDK has done so far.

@@ -19,7 +19,7 @@ use crate::smart::{
     FULL_IDLE, NetworkKey, ProbeMode, ProbeOutcome, SideProbe, SideResult, SmartHeartbeat,
     side_probe,
 };
-use crate::state::{ClientMsgId, PendingSend, StateFile, write_atomic};
+use crate::state::{ClientMsgId, GroupAction, PendingSend, StateFile, write_atomic};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::VecDeque;
@@ -108,6 +108,43 @@ pub(crate) enum Control {
     /// The device changed networks (to the named one, if given): reconnect now
     /// instead of waiting.
     NetworkChanged(Option<String>),
+    /// A read-only question (conversations, groups, a group's members).
+    Query {
+        what: pb::query::What,
+        reply: oneshot::Sender<Result<pb::QueryResult, ClientError>>,
+    },
+    /// The user read a conversation up to an entry.
+    Read(ReadJob),
+}
+
+/// A read receipt not yet confirmed: sent on every session until the server's echo
+/// (a READ receipt by this user reaching this seq) comes back, at most [`READ_TRIES`]
+/// times (a refused one is never echoed).
+#[derive(Debug, Clone)]
+pub(crate) struct ReadJob {
+    pub conversation: String,
+    pub seq: u64,
+    pub message_id: u64,
+    pub incoming: u64,
+    /// Sessions it was sent on.
+    pub tries: u32,
+    /// Sent on the current session.
+    pub sent: bool,
+}
+
+/// Sessions a read receipt is sent on before it is given up without an echo.
+const READ_TRIES: u32 = 3;
+
+/// Most read receipts waiting for their echo (one per conversation).
+const MAX_PENDING_READS: usize = 1024;
+
+/// One query in progress.
+struct QueryJob {
+    id: u32,
+    what: pb::query::What,
+    reply: oneshot::Sender<Result<pb::QueryResult, ClientError>>,
+    /// On the wire on the current session.
+    asked: bool,
 }
 
 /// The driver's ends of the channels to the handles.
@@ -255,6 +292,12 @@ pub(crate) struct Driver {
     /// The app dropped its entry receiver.
     app_gone: bool,
     syncs: VecDeque<SyncJob>,
+    queries: Vec<QueryJob>,
+    next_query_id: u32,
+    /// Read receipts waiting for their echo, by conversation.
+    reads: std::collections::HashMap<String, ReadJob>,
+    /// The user this client logs in as (from the last WELCOME).
+    user_id: String,
     max_frame: usize,
     /// Why the client stops, once it does.
     stop: Option<ClientError>,
@@ -319,6 +362,10 @@ impl Driver {
             pending: VecDeque::new(),
             app_gone: false,
             syncs: VecDeque::new(),
+            queries: Vec::new(),
+            next_query_id: 1,
+            reads: Default::default(),
+            user_id: String::new(),
             max_frame: DEFAULT_MAX_FRAME,
             stop: None,
             smart,
@@ -557,6 +604,28 @@ impl Driver {
                     self.switch_network(id);
                 }
                 self.network_changed();
+            }
+            Control::Query { what, reply } => {
+                let id = self.next_query_id;
+                self.next_query_id = self.next_query_id.wrapping_add(1).max(1);
+                self.queries.push(QueryJob {
+                    id,
+                    what,
+                    reply,
+                    asked: false,
+                });
+            }
+            Control::Read(job) => {
+                let newer = self
+                    .reads
+                    .get(&job.conversation)
+                    .is_none_or(|old| old.seq < job.seq);
+                if newer
+                    && (self.reads.len() < MAX_PENDING_READS
+                        || self.reads.contains_key(&job.conversation))
+                {
+                    self.reads.insert(job.conversation.clone(), job);
+                }
             }
         }
     }
@@ -849,13 +918,27 @@ impl Driver {
                 break;
             };
             Counters::bump(&self.ch.counters.sends_transmitted);
-            if let Err(e) = conn
-                .transport
-                .send(&Frame::Send(send_message(&queued.send)))
-            {
+            if let Err(e) = conn.transport.send(&send_frame(&queued.send)) {
                 return self.end_link(transport_ending(e));
             }
             conn.sent(now());
+        }
+        for job in self.queries.iter_mut().filter(|job| !job.asked) {
+            job.asked = true;
+            frames.push(Frame::Query(pb::Query {
+                id: job.id,
+                what: Some(job.what.clone()),
+            }));
+        }
+        for job in self.reads.values_mut().filter(|job| !job.sent) {
+            job.sent = true;
+            job.tries += 1;
+            frames.push(Frame::Receipt(pb::Receipt {
+                conversation: job.conversation.clone(),
+                read_up_to: job.seq,
+                message_id: job.message_id,
+                incoming: job.incoming,
+            }));
         }
         if let Some(job) = self.syncs.front_mut().filter(|job| !job.asked) {
             job.asked = true;
@@ -1102,6 +1185,7 @@ impl Driver {
         let limits = w.heartbeat.unwrap_or_default();
         let interval = ms_or(limits.interval_ms, self.config.heartbeat_interval);
         let pong_timeout = ms_or(limits.pong_timeout_ms, self.config.pong_timeout);
+        self.user_id.clone_from(&w.user_id);
         let info = SessionInfo {
             server,
             session_id: w.session_id,
@@ -1201,6 +1285,7 @@ impl Driver {
                 }
             }
             Frame::SyncDone(s) => self.on_sync_done(s),
+            Frame::QueryResult(r) => self.on_query_result(r),
             Frame::Kick(k) => self.on_kick(k),
             Frame::GoAway(g) => self.end_link(go_away_ending(g)),
             other => self.end_link(protocol_error(format!(
@@ -1214,6 +1299,18 @@ impl Driver {
         let Some(entry) = deliver.entry else {
             return;
         };
+        // The server's echo of our own read receipt confirms it.
+        if entry.r#type == pb::EntryType::Receipt as i32
+            && entry.from == self.user_id
+            && let Some(receipt) = crate::client::receipt_of(&entry)
+            && receipt.by == self.user_id
+            && self
+                .reads
+                .get(&receipt.conversation)
+                .is_some_and(|job| job.seq <= receipt.up_to_seq)
+        {
+            self.reads.remove(&receipt.conversation);
+        }
         match self.cursor.on_deliver(entry.seq) {
             Handoff::Hand => {
                 if self.app_gone {
@@ -1264,8 +1361,26 @@ impl Driver {
         self.persist_later();
     }
 
+    fn on_query_result(&mut self, result: pb::QueryResult) {
+        let Some(i) = self.queries.iter().position(|job| job.id == result.id) else {
+            debug!(id = result.id, "QUERY_RESULT nobody asked for");
+            return;
+        };
+        let job = self.queries.swap_remove(i);
+        let _ = job.reply.send(Ok(result));
+    }
+
     fn on_error(&mut self, e: pb::Error) {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+        if e.query_id != 0
+            && let Some(i) = self.queries.iter().position(|job| job.id == e.query_id)
+        {
+            let job = self.queries.swap_remove(i);
+            let _ = job.reply.send(Err(ClientError::Rejected {
+                code,
+                reason: e.reason.clone(),
+            }));
+        }
         if let Some(id) = ClientMsgId::from_slice(&e.client_msg_id)
             && let Some(item) = self.outbox.remove(&id.0)
         {
@@ -1350,6 +1465,13 @@ impl Driver {
         for job in &mut self.syncs {
             job.asked = false;
         }
+        for job in &mut self.queries {
+            job.asked = false;
+        }
+        self.reads.retain(|_, job| job.tries < READ_TRIES);
+        for job in self.reads.values_mut() {
+            job.sent = false;
+        }
         if matches!(
             ending.reason,
             DisconnectReason::UnknownTimeout | DisconnectReason::ServerUnresponsive
@@ -1432,6 +1554,24 @@ impl Driver {
             });
             self.send_frame(&ack);
         }
+        // Read receipts are not kept across runs: the last chance is now.
+        let reads: Vec<Frame> = self
+            .reads
+            .values_mut()
+            .filter(|job| !job.sent)
+            .map(|job| {
+                job.sent = true;
+                Frame::Receipt(pb::Receipt {
+                    conversation: job.conversation.clone(),
+                    read_up_to: job.seq,
+                    message_id: job.message_id,
+                    incoming: job.incoming,
+                })
+            })
+            .collect();
+        for frame in reads {
+            self.send_frame(&frame);
+        }
     }
 
     /// The client is done: final persist, then every waiter learns why.
@@ -1446,6 +1586,9 @@ impl Driver {
             }
         }
         for job in self.syncs.drain(..) {
+            let _ = job.reply.send(Err(error.clone()));
+        }
+        for job in self.queries.drain(..) {
             let _ = job.reply.send(Err(error.clone()));
         }
         self.hand_over();
@@ -1593,13 +1736,34 @@ async fn exchange_hello(
 }
 
 /// The SEND frame of a pending send.
-fn send_message(send: &PendingSend) -> pb::Send {
-    pb::Send {
-        client_msg_id: bytes::Bytes::copy_from_slice(&send.client_msg_id.0),
-        target: Some(pb::send::Target::User(send.to.clone())),
+/// The frame an outbox item goes out as: a GROUP for a membership change, else a SEND
+/// to a user or (for `g:<group>`) to a group.
+fn send_frame(send: &PendingSend) -> Frame {
+    let client_msg_id = bytes::Bytes::copy_from_slice(&send.client_msg_id.0);
+    if let Some(group) = &send.group {
+        return Frame::GroupChange(pb::GroupChange {
+            client_msg_id,
+            group: send.to.clone(),
+            op: match group.op {
+                GroupAction::Create => pb::GroupOp::Create,
+                GroupAction::Add => pb::GroupOp::Add,
+                GroupAction::Remove => pb::GroupOp::Remove,
+                GroupAction::Leave => pb::GroupOp::Leave,
+            } as i32,
+            members: group.members.clone(),
+            name: group.name.clone(),
+        });
+    }
+    let target = match tether_proto::conversation_group(&send.to) {
+        Some(group) => pb::send::Target::Group(group.to_owned()),
+        None => pb::send::Target::User(send.to.clone()),
+    };
+    Frame::Send(pb::Send {
+        client_msg_id,
+        target: Some(target),
         body: send.body.clone(),
         content_type: send.content_type.clone(),
-    }
+    })
 }
 
 /// What a fatal ERROR means for the client.

@@ -52,7 +52,7 @@ pub mod state;
 pub use backoff::Backoff;
 pub use client::{
     Client, ClientEvent, ClientHandle, ClientStats, ConnState, Entry, SendAck, SendTicket,
-    SessionInfo,
+    SessionInfo, group_event_of, receipt_of,
 };
 pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};
 pub use connector::{
@@ -61,7 +61,11 @@ pub use connector::{
 pub use error::{ClientError, DisconnectReason};
 pub use heartbeat::Heartbeat;
 pub use inbox::InboxCursor;
-pub use state::{ClientMsgId, PendingSend, StateFile};
+pub use state::{ClientMsgId, GroupAction, GroupRequest, PendingSend, StateFile};
 pub use tether_core::outbox::{GiveUp, Outbox, OutboxConfig};
 pub use tether_core::{backoff, heartbeat, inbox};
-pub use tether_proto::pb::{EntryType, ErrorCode, KickReason};
+pub use tether_proto::pb::{
+    Conversation, EntryType, ErrorCode, GroupEvent, GroupEventKind, GroupInfo, GroupMember,
+    GroupSummary, KickReason, ReceiptBody, ReceiptKind,
+};
+pub use tether_proto::{conversation_group, group_conversation};

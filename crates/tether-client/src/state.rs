@@ -107,6 +107,37 @@ pub struct PendingSend {
     /// field: counted from loading). Resends stop past the server's dedup window from here.
     #[serde(default)]
     pub queued_ms: u64,
+    /// Set for a membership change of group `to` (sent as GROUP, not SEND).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupRequest>,
+}
+
+/// A membership change waiting in the outbox: deduplicated and ordered like a send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRequest {
+    /// What to do.
+    pub op: GroupAction,
+    /// Members to create the group with, add or remove.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Display name (create).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// Membership operations (see the server's policy: any member adds, only the owner
+/// removes, anyone leaves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupAction {
+    /// Create the group, owned by this user.
+    Create,
+    /// Add members.
+    Add,
+    /// Remove members (owner only).
+    Remove,
+    /// Leave the group.
+    Leave,
 }
 
 mod base64_bytes {
@@ -233,6 +264,7 @@ mod tests {
                     body: Bytes::from_static(b"first \x00\xff"),
                     content_type: "text/plain".into(),
                     queued_ms: 1_700_000_000_000,
+                    group: None,
                 },
                 PendingSend {
                     client_msg_id: ClientMsgId([2; 16]),
@@ -240,6 +272,11 @@ mod tests {
                     body: Bytes::new(),
                     content_type: String::new(),
                     queued_ms: 0,
+                    group: Some(GroupRequest {
+                        op: GroupAction::Add,
+                        members: vec!["dave".into()],
+                        name: String::new(),
+                    }),
                 },
             ],
             networks: vec![SavedNetwork {

@@ -141,6 +141,7 @@ fn entry(seq: u64) -> pb::Entry {
         content_type: "text/plain".into(),
         ts_ms: 1,
         r#type: pb::EntryType::Message as i32,
+        incoming: seq,
     }
 }
 
@@ -282,6 +283,7 @@ async fn sends_restored_from_the_state_file_are_resent_first_and_confirmed_by_ev
         body: Bytes::from("from last run"),
         content_type: "text/plain".into(),
         queued_ms: 0,
+        group: None,
     };
     StateFile {
         inbox_epoch: 3,
@@ -773,6 +775,7 @@ async fn a_restored_send_older_than_the_dedup_window_is_never_resent() {
         body: Bytes::from(vec![n]),
         content_type: String::new(),
         queued_ms,
+        group: None,
     };
     StateFile {
         inbox_epoch: 1,

@@ -349,6 +349,8 @@ mod tests {
             Frame::Receipt(pb::Receipt {
                 conversation: "bob".into(),
                 read_up_to: 3,
+                message_id: 9,
+                incoming: 2,
             }),
             Frame::Kick(pb::Kick {
                 reason: pb::KickReason::Replaced as i32,
@@ -545,6 +547,7 @@ mod tests {
         let receipt = pb::Receipt {
             conversation: long,
             read_up_to: 1,
+            ..Default::default()
         };
         assert!(from_raw(&to_raw(&Frame::Receipt(receipt))).is_err());
     }

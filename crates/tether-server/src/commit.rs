@@ -24,7 +24,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tether_proto::{Frame, frame, pb};
-use tether_store::{AppendOutcome, AppendRequest, CompactPolicy, DeviceCursor, Store};
+use tether_store::{
+    Action, AppendOutcome, AppendRequest, CompactPolicy, DeviceCursor, Refuse, Store,
+};
 use tracing::{error, info};
 
 /// How often pending cursor moves are written (in chunks, see [`CURSOR_CHUNK`]).
@@ -35,15 +37,28 @@ pub const CURSOR_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// once put 40 ms into the p99.9 of message latency). Chunks keep each stall short.
 pub const CURSOR_CHUNK: usize = 128;
 
-/// A send waiting for its commit.
+/// A send (or group change, or read receipt) waiting for its commit.
 #[derive(Debug)]
 pub struct CommitRequest {
     /// What to store.
     pub append: AppendRequest,
-    /// Whom to answer.
+    /// Whom to answer: SEND_ACK or ERROR for messages and group changes; for a read
+    /// receipt only an ERROR if it was refused (every request gets one reply, maybe
+    /// empty, which releases its in-flight slot).
     pub reply_to: Arc<Session>,
     /// When the connection submitted it (commit latency is measured from here).
     pub submitted: Instant,
+}
+
+/// The protocol error code for a refused operation.
+pub fn refusal_code(code: Refuse) -> pb::ErrorCode {
+    match code {
+        Refuse::Forbidden => pb::ErrorCode::Forbidden,
+        Refuse::GroupFull => pb::ErrorCode::GroupFull,
+        Refuse::NotFound => pb::ErrorCode::NotFound,
+        Refuse::Conflict => pb::ErrorCode::Conflict,
+        Refuse::BadRequest => pb::ErrorCode::BadRequest,
+    }
 }
 
 enum Command {
@@ -57,6 +72,7 @@ type CursorKey = (Arc<str>, Box<str>);
 pub struct CommitPath {
     tx: Mutex<mpsc::Sender<Command>>,
     cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
+    delivered: Arc<Mutex<HashMap<Arc<str>, u64>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -77,11 +93,13 @@ impl CommitPath {
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>> = Default::default();
+        let delivered: Arc<Mutex<HashMap<Arc<str>, u64>>> = Default::default();
         let worker = CommitWorker {
             store,
             registry,
             metrics,
             cursors: cursors.clone(),
+            delivered: delivered.clone(),
             max_batch: max_batch.max(1),
             retention,
         };
@@ -92,6 +110,7 @@ impl CommitPath {
         Self {
             tx: Mutex::new(tx),
             cursors,
+            delivered,
             thread: Mutex::new(thread),
         }
     }
@@ -109,6 +128,18 @@ impl CommitPath {
         if cursor.inbox_epoch != slot.inbox_epoch || cursor.acked_seq >= slot.acked_seq {
             *slot = cursor;
         }
+    }
+
+    /// Records that a device of `user` holds its inbox up to `seq`: delivered receipts
+    /// for what that newly covers are committed with the next batch (coalesced per
+    /// user; the store keeps the user's delivered mark, so nothing is written twice).
+    pub fn delivered(&self, user: &Arc<str>, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        let mut map = self.delivered.lock();
+        let slot = map.entry(user.clone()).or_default();
+        *slot = (*slot).max(seq);
     }
 
     /// Drops a cursor move not yet written, so it cannot bring back the cursor of a
@@ -131,6 +162,7 @@ struct CommitWorker {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
+    delivered: Arc<Mutex<HashMap<Arc<str>, u64>>>,
     max_batch: usize,
     retention: Retention,
 }
@@ -186,8 +218,9 @@ impl CommitWorker {
                     Err(_) => break,
                 }
             }
+            let marks = self.take_delivered(&mut appends);
             if !appends.is_empty() {
-                self.commit(&appends, &mut waiting);
+                self.commit(&appends, &mut waiting, marks);
                 appends.clear();
                 waiting.clear();
             }
@@ -208,6 +241,13 @@ impl CommitWorker {
                 flushing.extend(std::mem::take(&mut *self.cursors.lock()));
                 self.write_cursors(&mut flushing, usize::MAX);
                 last_cursor_flush = Instant::now();
+                // Compaction never passes a delivered mark: write the pending ones.
+                let marks = self.take_delivered(&mut appends);
+                if marks > 0 {
+                    self.commit(&appends, &mut waiting, marks);
+                    appends.clear();
+                    waiting.clear();
+                }
                 self.compact();
                 last_compaction = Instant::now();
             }
@@ -218,7 +258,32 @@ impl CommitWorker {
         info!("commit path stopped");
     }
 
-    fn commit(&self, appends: &[AppendRequest], waiting: &mut [(Arc<Session>, Instant)]) {
+    /// Appends the pending delivered marks to the batch (after the requests that have
+    /// a waiter); returns how many.
+    fn take_delivered(&self, appends: &mut Vec<AppendRequest>) -> usize {
+        let marks = std::mem::take(&mut *self.delivered.lock());
+        let n = marks.len();
+        let ts_ms = unix_ms_before(Duration::ZERO);
+        appends.extend(marks.into_iter().map(|(user, seq)| AppendRequest {
+            sender: user.to_string(),
+            sender_device: String::new(),
+            client_msg_id: [0; 16],
+            action: Action::Delivered { up_to_seq: seq },
+            body: bytes::Bytes::new(),
+            content_type: String::new(),
+            ts_ms,
+        }));
+        n
+    }
+
+    /// Commits `appends`: the first `waiting.len()` have a session to answer, the last
+    /// `marks` are delivered marks.
+    fn commit(
+        &self,
+        appends: &[AppendRequest],
+        waiting: &mut [(Arc<Session>, Instant)],
+        marks: usize,
+    ) {
         let started = Instant::now();
         let outcomes = match self.store.append(appends) {
             Ok(outcomes) => outcomes,
@@ -233,40 +298,73 @@ impl CommitWorker {
                     if let Frame::Error(ref mut inner) = err {
                         inner.client_msg_id = bytes::Bytes::copy_from_slice(&append.client_msg_id);
                     }
-                    session.push_reply(err);
+                    session.push_reply(Some(err));
                 }
+                // The marks are not lost: the store still has the old ones, and the
+                // next ACK (or login) of each user covers the range again.
                 return;
             }
         };
         let done = Instant::now();
-        self.metrics.observe_batch(appends.len(), done - started);
+        self.metrics
+            .observe_batch(appends.len() - marks, done - started);
         let mut heads: HashMap<&str, u64> = HashMap::new();
         let mut new = 0u64;
-        for ((append, outcome), (session, submitted)) in
-            appends.iter().zip(&outcomes).zip(waiting.iter())
-        {
+        let mut answers = waiting.iter();
+        for (append, outcome) in appends.iter().zip(&outcomes) {
+            if let AppendOutcome::New { heads: h, .. } = outcome {
+                for (user, head) in h {
+                    let slot = heads.entry(user.as_str()).or_default();
+                    *slot = (*slot).max(*head);
+                }
+            }
+            let Some((session, submitted)) = answers.next() else {
+                // A delivered mark; one that stopped short (a long range is scanned a
+                // bounded piece per batch) goes on with the next batch.
+                if let (Action::Delivered { up_to_seq }, AppendOutcome::New { ack, .. }) =
+                    (&append.action, outcome)
+                    && ack.sender_seq < *up_to_seq
+                {
+                    let mut map = self.delivered.lock();
+                    let slot = map.entry(Arc::from(append.sender.as_str())).or_default();
+                    *slot = (*slot).max(*up_to_seq);
+                }
+                continue;
+            };
+            let answers_a_send = !matches!(append.action, Action::Read(_));
             let (ack, duplicate) = match outcome {
-                AppendOutcome::New { ack, heads: h } => {
-                    new += 1;
-                    for (user, head) in h {
-                        let slot = heads.entry(user.as_str()).or_default();
-                        *slot = (*slot).max(*head);
-                    }
+                AppendOutcome::New { ack, .. } => {
+                    new += u64::from(answers_a_send);
                     (ack, false)
                 }
                 AppendOutcome::Duplicate(ack) => {
                     self.metrics.duplicates.inc();
                     (ack, true)
                 }
+                AppendOutcome::Refused { code, reason } => {
+                    self.metrics.protocol_errors.inc();
+                    let mut err = frame::error(refusal_code(*code), reason.clone(), false);
+                    if let Frame::Error(ref mut inner) = err
+                        && answers_a_send
+                    {
+                        inner.client_msg_id = bytes::Bytes::copy_from_slice(&append.client_msg_id);
+                    }
+                    session.push_reply(Some(err));
+                    continue;
+                }
             };
+            if !answers_a_send {
+                session.push_reply(None);
+                continue;
+            }
             self.metrics.observe_commit_latency(done - *submitted);
-            session.push_reply(Frame::SendAck(pb::SendAck {
+            session.push_reply(Some(Frame::SendAck(pb::SendAck {
                 client_msg_id: bytes::Bytes::copy_from_slice(&append.client_msg_id),
                 message_id: ack.message_id,
                 seq: ack.sender_seq,
                 ts_ms: ack.ts_ms,
                 duplicate,
-            }));
+            })));
         }
         self.metrics.messages_committed.inc_by(new);
         for (user, head) in heads {

@@ -118,6 +118,10 @@ pub struct ServerConfig {
     /// cursor is removed); if every one is connected, the login is refused with
     /// `DEVICE_LIMIT`.
     pub max_devices: u32,
+    /// Most members a group may have (creating or adding beyond it is refused with
+    /// `GROUP_FULL`). Every group message is one copy per member in one commit, so
+    /// this bounds the cost of one send.
+    pub max_group_members: u32,
     /// Heartbeat limits.
     pub heartbeat: HeartbeatLimits,
     /// Most messages in one group commit.
@@ -168,6 +172,7 @@ impl Default for ServerConfig {
             compact_acked: true,
             compact_interval: Duration::from_secs(3600),
             max_devices: 16,
+            max_group_members: 500,
             heartbeat: HeartbeatLimits::default(),
             max_commit_batch: 2048,
             deadline_sweep: Duration::from_millis(250),

@@ -25,7 +25,8 @@ use tether_proto::frame::{self, DecodeError};
 use tether_proto::pb::{self, ErrorCode};
 use tether_proto::{Frame, FrameError, RawFrame};
 use tether_store::{
-    AppendRequest, DeviceCursor, EntryKind, InboxInfo, InboxTarget, StoreError, StoredEntry,
+    Action, AppendRequest, DeviceCursor, EntryKind, GroupChange, GroupOp, InboxInfo, InboxTarget,
+    ReadMark, StoreError, StoredEntry,
 };
 use tether_transport::{Transport, TransportError};
 use tracing::{debug, info, warn};
@@ -38,6 +39,9 @@ const MAX_INFLIGHT_BYTES: u32 = 1024 * 1024;
 const READ_BATCH: u64 = 64;
 /// Entries per SYNC_DONE at most.
 const SYNC_BATCH: u32 = 64;
+
+/// Most conversations one QUERY_RESULT lists (continue with `after`).
+const QUERY_PAGE: usize = 200;
 /// Time allowed to flush a final ERROR or KICK before closing.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -361,10 +365,20 @@ fn check_login(shared: &Arc<Shared>, hello: &pb::Hello) -> Result<String, Close>
     if let Err(retry_after) = shared.logins.lock().try_take(Instant::now()) {
         return Err(Close::Overloaded { retry_after });
     }
-    shared
+    let user = shared
         .auth
         .verify(&hello.token)
-        .map_err(|e| Close::fatal(ErrorCode::AuthFailed, e.to_string()))
+        .map_err(|e| Close::fatal(ErrorCode::AuthFailed, e.to_string()))?;
+    if user.starts_with(tether_proto::GROUP_PREFIX) {
+        return Err(Close::fatal(
+            ErrorCode::AuthFailed,
+            format!(
+                "user ids starting with {:?} name groups",
+                tether_proto::GROUP_PREFIX
+            ),
+        ));
+    }
+    Ok(user)
 }
 
 /// Admits a probe session: the login checks, then the device's probe slot.
@@ -397,10 +411,11 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
             ));
         }
     };
+    let resume = hello.resume;
     let decided = (|| {
         let info = shared.store.inbox_info(&session.user)?;
         let cursor = shared.store.cursor(&session.user, &session.device)?;
-        let (start, resumed) = start_seq(info, hello.resume, cursor, shared.config.start_policy)?;
+        let (start, resumed) = start_seq(info, resume, cursor, shared.config.start_policy)?;
         // A device neither connected nor known by a live cursor is new to its user:
         // it must fit within the device cap.
         let live_since = crate::commit::unix_ms_before(shared.config.device_expiry);
@@ -439,6 +454,11 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
             last_seen_ms: now_ms(),
         },
     );
+    // The device holds its resume point: delivered receipts for what no device had
+    // acknowledged before (e.g. ACKs lost in a crash) follow.
+    if let (Resumed::AsGiven, Some(r)) = (resumed, resume) {
+        shared.commit.delivered(&session.user, r.last_seq);
+    }
     Ok(Admission {
         session,
         info,
@@ -745,7 +765,9 @@ impl<T: Transport> Conn<T> {
                 } else {
                     self.inflight_bytes.saturating_sub(share)
                 };
-                self.send(reply)?;
+                if let Some(reply) = reply {
+                    self.send(reply)?;
+                }
             }
         }
         // SIG_HEAD needs nothing here: the loop streams before it waits again.
@@ -764,6 +786,8 @@ impl<T: Transport> Conn<T> {
             Frame::Ack(ack) => self.on_ack(ack),
             Frame::Sync(sync) => self.on_sync(sync),
             Frame::Receipt(receipt) => self.on_receipt(receipt),
+            Frame::GroupChange(change) => self.on_group_change(change),
+            Frame::Query(query) => self.on_query(query),
             Frame::Pong(_) => Ok(()),
             Frame::Error(e) => {
                 warn!(user = &*self.session.user, code = e.code, reason = %e.reason, "peer sent ERROR");
@@ -818,22 +842,23 @@ impl<T: Transport> Conn<T> {
     }
 
     fn on_send(&mut self, send: pb::Send) -> Result<(), Close> {
-        let to = match send.target {
-            Some(pb::send::Target::User(user)) => user,
-            Some(pb::send::Target::Group(_)) => {
-                return self.reject_send(
-                    &send.client_msg_id,
-                    ErrorCode::Unsupported,
-                    "group targets are not offered by this server yet",
-                );
-            }
+        let (to, group) = match send.target {
+            Some(pb::send::Target::User(user)) => (user, false),
+            Some(pb::send::Target::Group(group)) => (group, true),
             None => return Err(Close::fatal(ErrorCode::MissingField, "SEND without target")),
         };
         if to.len() > 128 {
             return self.reject_send(
                 &send.client_msg_id,
                 ErrorCode::BadRequest,
-                "target user id longer than 128 bytes",
+                "target id longer than 128 bytes",
+            );
+        }
+        if !group && to.starts_with(tether_proto::GROUP_PREFIX) {
+            return self.reject_send(
+                &send.client_msg_id,
+                ErrorCode::BadRequest,
+                "user ids never start with \"g:\": send to a group with the group target",
             );
         }
         let max_body = tether_proto::max_body(self.shared.config.max_frame);
@@ -849,9 +874,10 @@ impl<T: Transport> Conn<T> {
             );
         }
         let me = self.session.user.to_string();
-        let append = AppendRequest {
-            client_msg_id: client_msg_id(&send.client_msg_id)?,
-            targets: vec![
+        let action = if group {
+            Action::GroupMessage(to)
+        } else {
+            Action::Message(vec![
                 InboxTarget {
                     user: to.clone(),
                     conversation: me.clone(),
@@ -860,15 +886,106 @@ impl<T: Transport> Conn<T> {
                     user: me.clone(),
                     conversation: to,
                 },
-            ],
+            ])
+        };
+        let append = AppendRequest {
+            client_msg_id: client_msg_id(&send.client_msg_id)?,
+            action,
             sender: me,
             sender_device: self.session.device.to_string(),
             body: send.body,
             content_type: send.content_type,
-            kind: EntryKind::Message,
             ts_ms: now_ms(),
         };
         self.submit(append)
+    }
+
+    /// A membership change: committed like a send, answered like one.
+    fn on_group_change(&mut self, change: pb::GroupChange) -> Result<(), Close> {
+        let op = match pb::GroupOp::try_from(change.op) {
+            Ok(pb::GroupOp::Create) => GroupOp::Create,
+            Ok(pb::GroupOp::Add) => GroupOp::Add,
+            Ok(pb::GroupOp::Remove) => GroupOp::Remove,
+            Ok(pb::GroupOp::Leave) => GroupOp::Leave,
+            // Rejected by frame validation already.
+            Ok(pb::GroupOp::Unspecified) | Err(_) => {
+                return Err(Close::fatal(ErrorCode::MissingField, "GROUP without op"));
+            }
+        };
+        let max = self.shared.config.max_group_members as usize;
+        if change.members.len() > max {
+            return self.reject_send(
+                &change.client_msg_id,
+                ErrorCode::GroupFull,
+                &format!(
+                    "{} members named; a group holds at most {max}",
+                    change.members.len()
+                ),
+            );
+        }
+        let append = AppendRequest {
+            client_msg_id: client_msg_id(&change.client_msg_id)?,
+            action: Action::Group(GroupChange {
+                group: change.group,
+                op,
+                members: change.members,
+                name: change.name,
+                max_members: self.shared.config.max_group_members,
+            }),
+            sender: self.session.user.to_string(),
+            sender_device: self.session.device.to_string(),
+            body: Default::default(),
+            content_type: String::new(),
+            ts_ms: now_ms(),
+        };
+        self.submit(append)
+    }
+
+    /// Read-only questions about the user's own conversations and groups.
+    fn on_query(&mut self, query: pb::Query) -> Result<(), Close> {
+        let id = query.id;
+        let mut result = pb::QueryResult {
+            id,
+            ..Default::default()
+        };
+        let refuse = |code: ErrorCode, reason: String| {
+            let mut e = frame::error(code, reason, false);
+            if let Frame::Error(ref mut inner) = e {
+                inner.query_id = id;
+            }
+            e
+        };
+        let user = self.session.user.clone();
+        match query.what {
+            Some(pb::query::What::Conversations(list)) => {
+                let mut conversations =
+                    self.shared
+                        .store
+                        .conversations(&user, &list.after, QUERY_PAGE + 1)?;
+                result.more = conversations.len() > QUERY_PAGE;
+                conversations.truncate(QUERY_PAGE);
+                result.conversations = conversations;
+            }
+            Some(pb::query::What::Groups(_)) => {
+                result.groups = self.shared.store.groups_of(&user)?;
+            }
+            Some(pb::query::What::Group(get)) => {
+                // Members only: the same answer whether or not the group exists.
+                let info = self.shared.store.group(&get.group)?;
+                match info.filter(|g| g.members.iter().any(|m| *m.user == *user)) {
+                    Some(info) => result.group = Some(info),
+                    None => {
+                        self.shared.metrics.protocol_errors.inc();
+                        return self.send(refuse(
+                            ErrorCode::Forbidden,
+                            format!("{user} is not a member of group {:?}", get.group),
+                        ));
+                    }
+                }
+            }
+            None => return Err(Close::fatal(ErrorCode::MissingField, "QUERY without what")),
+        }
+        self.send(Frame::QueryResult(result))
     }
 
     fn submit(&mut self, append: AppendRequest) -> Result<(), Close> {
@@ -913,6 +1030,9 @@ impl<T: Transport> Conn<T> {
             // At or below the last ACK: nothing new.
             Ok(0) => Ok(()),
             Ok(_) => {
+                self.shared
+                    .commit
+                    .delivered(&self.session.user, self.window.acked());
                 self.shared.commit.move_cursor(
                     &self.session.user,
                     &self.session.device,
@@ -976,31 +1096,21 @@ impl<T: Transport> Conn<T> {
     }
 
     fn on_receipt(&mut self, receipt: pb::Receipt) -> Result<(), Close> {
-        // A receipt is an entry in the peer's inbox (and ours, for our other devices),
-        // committed on the same path as messages. Its id is derived from its content,
-        // so repeating a receipt stores it once.
-        let me = self.session.user.to_string();
-        let body = prost::Message::encode_to_vec(&pb::Receipt {
-            conversation: me.clone(),
-            read_up_to: receipt.read_up_to,
-        });
+        // Read receipts are entries in the peer's inbox and the reader's own (its other
+        // devices follow), committed on the same path as messages; the store keeps the
+        // read position, so a repeated receipt writes nothing. Only a refusal answers.
         let append = AppendRequest {
-            client_msg_id: receipt_id(&self.session.device, &receipt),
-            targets: vec![
-                InboxTarget {
-                    user: receipt.conversation.clone(),
-                    conversation: me.clone(),
-                },
-                InboxTarget {
-                    user: me.clone(),
-                    conversation: receipt.conversation,
-                },
-            ],
-            sender: me,
+            client_msg_id: [0; 16],
+            action: Action::Read(ReadMark {
+                conversation: receipt.conversation,
+                up_to_seq: receipt.read_up_to,
+                message_id: receipt.message_id,
+                incoming: receipt.incoming,
+            }),
+            sender: self.session.user.to_string(),
             sender_device: self.session.device.to_string(),
-            body: body.into(),
-            content_type: "application/x-tether-receipt".into(),
-            kind: EntryKind::Receipt,
+            body: Default::default(),
+            content_type: String::new(),
             ts_ms: now_ms(),
         };
         self.submit(append)
@@ -1049,25 +1159,6 @@ fn client_msg_id(bytes: &[u8]) -> Result<[u8; 16], Close> {
         .map_err(|_| Close::fatal(ErrorCode::MissingField, "client_msg_id must be 16 bytes"))
 }
 
-/// A content-derived id for a receipt: the same receipt twice is stored once.
-fn receipt_id(device: &str, receipt: &pb::Receipt) -> [u8; 16] {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut id = [0u8; 16];
-    for (i, half) in id.chunks_mut(8).enumerate() {
-        let mut h = DefaultHasher::new();
-        (
-            i,
-            "receipt",
-            device,
-            &receipt.conversation,
-            receipt.read_up_to,
-        )
-            .hash(&mut h);
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    id
-}
-
 /// The wire form of a stored entry.
 pub fn to_pb(e: StoredEntry) -> pb::Entry {
     pb::Entry {
@@ -1082,7 +1173,9 @@ pub fn to_pb(e: StoredEntry) -> pb::Entry {
         r#type: match e.kind {
             EntryKind::Message => pb::EntryType::Message as i32,
             EntryKind::Receipt => pb::EntryType::Receipt as i32,
+            EntryKind::Membership => pb::EntryType::Membership as i32,
         },
+        incoming: e.incoming,
     }
 }
 

@@ -43,7 +43,9 @@ pub struct Session {
     replay_waiting: std::sync::atomic::AtomicBool,
     signals: AtomicU8,
     waker: AtomicWaker,
-    replies: Mutex<VecDeque<Frame>>,
+    /// Answers to submitted operations, in submission order; `None` answers one that
+    /// needs no frame (a receipt) but releases its in-flight slot.
+    replies: Mutex<VecDeque<Option<Frame>>>,
 }
 
 impl Session {
@@ -99,14 +101,15 @@ impl Session {
         self.head.load(Ordering::Acquire)
     }
 
-    /// Queues a frame for the connection to send (commit results) and wakes it.
-    pub fn push_reply(&self, frame: Frame) {
+    /// Queues the answer to one submitted operation (a frame to send, or `None`) and
+    /// wakes the connection.
+    pub fn push_reply(&self, frame: Option<Frame>) {
         self.replies.lock().push_back(frame);
         self.signal(SIG_REPLIES);
     }
 
     /// Takes all queued replies, releasing the queue's memory.
-    pub fn take_replies(&self) -> VecDeque<Frame> {
+    pub fn take_replies(&self) -> VecDeque<Option<Frame>> {
         std::mem::take(&mut *self.replies.lock())
     }
 

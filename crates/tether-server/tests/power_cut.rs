@@ -12,8 +12,8 @@ use std::time::Duration;
 use tether_proto::{Frame, frame, pb};
 use tether_server::{Server, ServerConfig};
 use tether_store::{
-    Action, AppendOutcome, AppendRequest, Durability, EmbeddedStore, EntryKind, InboxTarget,
-    SimulatedDisk, Store,
+    Action, AppendOutcome, AppendRequest, Durability, EmbeddedStore, InboxTarget, SimulatedDisk,
+    Store,
 };
 use tether_transport::{Transport, flush, recv};
 
@@ -166,6 +166,7 @@ async fn one_round(seed: u64, torn: bool) -> (usize, usize) {
             AppendOutcome::New { .. } => {
                 panic!("acknowledged send {id:?} of {sender} lost (seed {seed})")
             }
+            other => panic!("a resend was answered {other:?} (seed {seed})"),
         }
         assert!(
             inbox.values().any(|b| b == body),

@@ -108,7 +108,10 @@ fn delivered(store: &EmbeddedStore, user: &str, seq: u64) {
             ts_ms: 1,
         }])
         .unwrap();
-    assert!(matches!(outcome[0], AppendOutcome::New { .. }), "{outcome:?}");
+    assert!(
+        matches!(outcome[0], AppendOutcome::New { .. }),
+        "{outcome:?}"
+    );
 }
 
 /// `count` messages from alice's phone to bob, client ids 1..=count, at 1, 2, ... ms.

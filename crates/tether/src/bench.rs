@@ -142,6 +142,7 @@ fn codec(frames: u64) -> BenchResult {
                     content_type: String::new(),
                     ts_ms: 1_790_000_000_000,
                     r#type: 1,
+                    incoming: 42,
                 }),
             }),
         ),

@@ -1,5 +1,5 @@
-//! `tether send`, `tether recv`, `tether chat`: thin command-line fronts for the
-//! tether-client SDK. State (cursor, device epoch, unconfirmed sends) is kept per user
+//! `tether send`, `tether recv`, `tether chat`, `tether group`, `tether conversations`:
+//! thin command-line fronts for the tether-client SDK. State (cursor, device epoch, unconfirmed sends) is kept per user
 //! and device in `<state-dir>/<user>@<device>.json`, so each invocation resumes where
 //! the previous one of the same device stopped.
 
@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tether_client::{
     Client, ClientConfig, ClientError, ClientEvent, ClientMsgId, ConnState, DEFAULT_SERVER,
-    DisconnectReason, Entry, EntryType, StateFile, token_subject,
+    DisconnectReason, Entry, EntryType, GroupEventKind, ReceiptKind, SendAck, StateFile,
+    group_conversation, group_event_of, receipt_of, token_subject,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
@@ -52,8 +53,11 @@ pub struct SendArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
     /// Recipient user.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub to: Option<String>,
+    /// Recipient group (the sender must be a member).
     #[arg(long)]
-    pub to: String,
+    pub group: Option<String>,
     /// Give up after this many seconds (the message stays queued in the state file
     /// and is resent by the next run). Default: wait until confirmed.
     #[arg(long)]
@@ -73,6 +77,88 @@ pub struct RecvArgs {
     /// Exit 2 if not done this many seconds after start. Default: no limit.
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Mark each message from someone else as read once printed (the sender gets a
+    /// READ receipt; this user's unread count drops on every device).
+    #[arg(long)]
+    pub read: bool,
+}
+
+/// `tether group`.
+#[derive(clap::Args, Debug)]
+pub struct GroupArgs {
+    #[command(subcommand)]
+    pub op: GroupCmd,
+}
+
+/// Group operations.
+#[derive(clap::Subcommand, Debug)]
+pub enum GroupCmd {
+    /// Create a group owned by this user, with the given members besides.
+    Create {
+        /// Group id: 1 to 64 ASCII letters, digits, '.', '_', '-'.
+        group: String,
+        /// Members besides this user.
+        members: Vec<String>,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add members (any member may).
+    Add {
+        /// Group id.
+        group: String,
+        /// Users to add.
+        #[arg(required = true)]
+        members: Vec<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Remove members (the owner only).
+    Remove {
+        /// Group id.
+        group: String,
+        /// Members to remove.
+        #[arg(required = true)]
+        members: Vec<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Leave a group (an owner who leaves passes ownership on).
+    Leave {
+        /// Group id.
+        group: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Without a group: the groups this user is in. With one: its members with their
+    /// delivered and read marks (message ids).
+    List {
+        /// Group id.
+        group: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+impl GroupCmd {
+    fn conn(&self) -> &ConnArgs {
+        match self {
+            GroupCmd::Create { conn, .. }
+            | GroupCmd::Add { conn, .. }
+            | GroupCmd::Remove { conn, .. }
+            | GroupCmd::Leave { conn, .. }
+            | GroupCmd::List { conn, .. } => conn,
+        }
+    }
+}
+
+/// `tether conversations`.
+#[derive(clap::Args, Debug)]
+pub struct ConversationsArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// `tether chat`.
@@ -88,7 +174,8 @@ pub struct ChatArgs {
 /// Exit code for "timed out".
 const EXIT_TIMEOUT: u8 = 2;
 
-/// One JSON line per delivered entry.
+/// One JSON line per delivered entry. `type` is `message`, `receipt` or `membership`;
+/// for the last two, `text` describes the entry and `receipt` / `group` carry it.
 #[derive(Serialize)]
 struct EntryLine<'a> {
     seq: u64,
@@ -100,6 +187,37 @@ struct EntryLine<'a> {
     ts: u64,
     #[serde(rename = "type")]
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipt: Option<ReceiptLine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<GroupLine>,
+}
+
+#[derive(Serialize)]
+struct ReceiptLine {
+    kind: &'static str,
+    conversation: String,
+    /// Empty in a group's aggregate: every other member.
+    by: String,
+    up_to_message_id: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    up_to_seq: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    unread: u64,
+}
+
+#[derive(Serialize)]
+struct GroupLine {
+    event: &'static str,
+    group: String,
+    actor: String,
+    members: Vec<String>,
+    owner: String,
+    size: u32,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The JSON line `tether send` prints on success.
@@ -278,20 +396,19 @@ pub async fn run_send(args: SendArgs) -> ExitCode {
     };
     let reporter = report_events("send", client.events());
     let id = ClientMsgId::generate();
-    let sending = client.send_with_id(id, &args.to, Bytes::from(args.text), "text/plain");
+    let to = match (&args.to, &args.group) {
+        (_, Some(group)) => group_conversation(group),
+        (Some(to), None) => to.clone(),
+        (None, None) => return fail("send", "--to or --group is required"),
+    };
+    let sending = client.send_with_id(id, &to, Bytes::from(args.text), "text/plain");
     let outcome = tokio::select! {
         outcome = sending => Some(outcome),
         () = sleep_until(deadline_after(args.timeout)) => None,
     };
     let code = match outcome {
         Some(Ok(ack)) => {
-            let line = SentLine {
-                id: ack.message_id,
-                seq: ack.seq,
-                ts: ack.ts_ms,
-                client_msg_id: ack.client_msg_id.to_hex(),
-            };
-            print_json_line(&line);
+            print_sent(&ack);
             ExitCode::SUCCESS
         }
         Some(Err(e)) => fail("send", format!("message {id} not confirmed: {e}")),
@@ -341,6 +458,9 @@ pub async fn run_recv(args: RecvArgs) -> ExitCode {
         print_json_line(&entry_line(&entry));
         // Printed and flushed: now it counts as processed.
         client.ack(entry.seq);
+        if args.read && entry.r#type == EntryType::Message as i32 && entry.from != login.user {
+            client.mark_read(&entry).await;
+        }
         received += 1;
     };
     client.close().await;
@@ -424,21 +544,206 @@ fn stdin_lines() -> mpsc::Receiver<String> {
 }
 
 fn entry_line(entry: &Entry) -> EntryLine<'_> {
-    let kind = match EntryType::try_from(entry.r#type) {
-        Ok(EntryType::Message) => "message",
-        Ok(EntryType::Receipt) => "receipt",
-        _ => "unspecified",
-    };
-    EntryLine {
+    let mut line = EntryLine {
         seq: entry.seq,
         id: entry.message_id,
         from: &entry.from,
         from_device: &entry.from_device,
         conversation: &entry.conversation,
-        text: String::from_utf8_lossy(&entry.body).into_owned(),
+        text: String::new(),
         ts: entry.ts_ms,
-        kind,
+        kind: "unspecified",
+        receipt: None,
+        group: None,
+    };
+    match EntryType::try_from(entry.r#type) {
+        Ok(EntryType::Message) => {
+            line.kind = "message";
+            line.text = String::from_utf8_lossy(&entry.body).into_owned();
+        }
+        Ok(EntryType::Receipt) => {
+            line.kind = "receipt";
+            if let Some(r) = receipt_of(entry) {
+                let kind = match ReceiptKind::try_from(r.kind) {
+                    Ok(ReceiptKind::Delivered) => "delivered",
+                    Ok(ReceiptKind::Read) => "read",
+                    _ => "unspecified",
+                };
+                let by = if r.by.is_empty() {
+                    "every other member".to_string()
+                } else {
+                    r.by.clone()
+                };
+                line.text = format!(
+                    "{kind} by {by} up to message {} in {}",
+                    r.up_to_message_id, r.conversation
+                );
+                line.receipt = Some(ReceiptLine {
+                    kind,
+                    conversation: r.conversation,
+                    by: r.by,
+                    up_to_message_id: r.up_to_message_id,
+                    up_to_seq: r.up_to_seq,
+                    unread: r.unread,
+                });
+            }
+        }
+        Ok(EntryType::Membership) => {
+            line.kind = "membership";
+            if let Some(g) = group_event_of(entry) {
+                let event = match GroupEventKind::try_from(g.kind) {
+                    Ok(GroupEventKind::Created) => "created",
+                    Ok(GroupEventKind::Added) => "added",
+                    Ok(GroupEventKind::Removed) => "removed",
+                    Ok(GroupEventKind::Left) => "left",
+                    _ => "unspecified",
+                };
+                line.text = format!(
+                    "{} {event} {} in group {} ({} members, owner {})",
+                    g.actor,
+                    g.members.join(", "),
+                    g.group,
+                    g.size,
+                    g.owner
+                );
+                line.group = Some(GroupLine {
+                    event,
+                    group: g.group,
+                    actor: g.actor,
+                    members: g.members,
+                    owner: g.owner,
+                    size: g.size,
+                });
+            }
+        }
+        _ => {}
     }
+    line
+}
+
+fn print_sent(ack: &SendAck) {
+    print_json_line(&SentLine {
+        id: ack.message_id,
+        seq: ack.seq,
+        ts: ack.ts_ms,
+        client_msg_id: ack.client_msg_id.to_hex(),
+    });
+}
+
+/// Seconds a one-shot group or conversations command waits for the server.
+const ONE_SHOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `tether group ...`: one change (printed as the send line of its membership entry)
+/// or one listing (a JSON line per group or member).
+pub async fn run_group(args: GroupArgs) -> ExitCode {
+    let login = match login(args.op.conn()) {
+        Ok(login) => login,
+        Err(e) => return fail("group", e),
+    };
+    note_left_over_sends("group", &login.state_path);
+    let client = match Client::start(login.config) {
+        Ok(client) => client,
+        Err(e) => return fail("group", e),
+    };
+    let reporter = report_events("group", client.events());
+    let work = async {
+        match &args.op {
+            GroupCmd::Create {
+                group,
+                members,
+                name,
+                ..
+            } => {
+                let m: Vec<&str> = members.iter().map(String::as_str).collect();
+                client
+                    .group_create(group, name, &m)
+                    .await
+                    .map(|a| print_sent(&a))
+            }
+            GroupCmd::Add { group, members, .. } => {
+                let m: Vec<&str> = members.iter().map(String::as_str).collect();
+                client.group_add(group, &m).await.map(|a| print_sent(&a))
+            }
+            GroupCmd::Remove { group, members, .. } => {
+                let m: Vec<&str> = members.iter().map(String::as_str).collect();
+                client.group_remove(group, &m).await.map(|a| print_sent(&a))
+            }
+            GroupCmd::Leave { group, .. } => {
+                client.group_leave(group).await.map(|a| print_sent(&a))
+            }
+            GroupCmd::List { group: None, .. } => client.groups().await.map(|groups| {
+                for g in groups {
+                    print_json_line(&serde_json::json!({
+                        "group": g.group, "name": g.name, "owner": g.owner, "size": g.size,
+                    }));
+                }
+            }),
+            GroupCmd::List {
+                group: Some(group), ..
+            } => client.group_info(group).await.map(|info| {
+                for m in info.members {
+                    print_json_line(&serde_json::json!({
+                        "user": m.user,
+                        "joined_message_id": m.joined_message_id,
+                        "delivered_up_to": m.delivered_up_to,
+                        "read_up_to": m.read_up_to,
+                    }));
+                }
+            }),
+        }
+    };
+    let code = match tokio::time::timeout(ONE_SHOT_TIMEOUT, work).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => fail("group", e),
+        Err(_) => {
+            eprintln!(
+                "tether group: no answer within {}s",
+                ONE_SHOT_TIMEOUT.as_secs()
+            );
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+    };
+    client.close().await;
+    reporter.abort();
+    code
+}
+
+/// `tether conversations`: a JSON line per conversation.
+pub async fn run_conversations(args: ConversationsArgs) -> ExitCode {
+    let login = match login(&args.conn) {
+        Ok(login) => login,
+        Err(e) => return fail("conversations", e),
+    };
+    let client = match Client::start(login.config) {
+        Ok(client) => client,
+        Err(e) => return fail("conversations", e),
+    };
+    let reporter = report_events("conversations", client.events());
+    let code = match tokio::time::timeout(ONE_SHOT_TIMEOUT, client.conversations()).await {
+        Ok(Ok(list)) => {
+            for c in list {
+                print_json_line(&serde_json::json!({
+                    "conversation": c.id,
+                    "last_seq": c.last_seq,
+                    "last_ts": c.last_ts_ms,
+                    "unread": c.unread,
+                    "read_up_to": c.read_up_to,
+                }));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => fail("conversations", e),
+        Err(_) => {
+            eprintln!(
+                "tether conversations: no answer within {}s",
+                ONE_SHOT_TIMEOUT.as_secs()
+            );
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+    };
+    client.close().await;
+    reporter.abort();
+    code
 }
 
 fn print_json_line(value: &impl Serialize) {
@@ -488,6 +793,7 @@ mod tests {
             content_type: "text/plain".into(),
             ts_ms: 5,
             r#type: EntryType::Message as i32,
+            incoming: 1,
         };
         let json = serde_json::to_string(&entry_line(&entry)).unwrap();
         assert_eq!(

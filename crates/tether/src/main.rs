@@ -44,6 +44,10 @@ enum Command {
     Recv(client_cmds::RecvArgs),
     /// Interactive terminal chat with one peer.
     Chat(client_cmds::ChatArgs),
+    /// Groups: create, add, remove, leave, list.
+    Group(client_cmds::GroupArgs),
+    /// This user's conversations (1:1 and group) with last seq and unread count.
+    Conversations(client_cmds::ConversationsArgs),
     /// Benchmarks (codec, throughput, latency, memory per session).
     Bench(bench::BenchArgs),
     /// Network lab (root): prove the heartbeat against a real NAT in namespaces.
@@ -101,6 +105,10 @@ struct ServeArgs {
     /// device that is not connected; if all are connected it is refused (DEVICE_LIMIT).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     max_devices: u32,
+    /// Most members a group may have (GROUP_FULL beyond it). Each group message is one
+    /// inbox copy per member, all in one commit.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    max_group_members: u32,
     /// Heartbeat interval given to clients that ask for none, ms.
     #[arg(long, default_value_t = 30_000)]
     heartbeat_default_ms: u64,
@@ -213,6 +221,8 @@ fn main() -> ExitCode {
             Command::Send(args) => client_cmds::run_send(args).await,
             Command::Recv(args) => client_cmds::run_recv(args).await,
             Command::Chat(args) => client_cmds::run_chat(args).await,
+            Command::Group(args) => client_cmds::run_group(args).await,
+            Command::Conversations(args) => client_cmds::run_conversations(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Lab(_) | Command::Chaos(_) => {
                 unreachable!("handled before the runtime starts")
@@ -236,6 +246,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         compact_interval: Duration::from_secs(args.compact_interval_secs),
         device_expiry: Duration::from_secs(args.device_expiry_days * 24 * 3600),
         max_devices: args.max_devices,
+        max_group_members: args.max_group_members,
         heartbeat: tether_server::config::HeartbeatLimits {
             default_interval: Duration::from_millis(args.heartbeat_default_ms),
             min_interval: Duration::from_millis(args.heartbeat_min_ms),

@@ -250,8 +250,8 @@ async fn pair_receiver(
         let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(100), c.recv()).await else {
             continue;
         };
-        if e.from != peer {
-            continue; // our own copy of what we sent
+        if e.from != peer || e.r#type != tether_client::EntryType::Message as i32 {
+            continue; // our own copy of what we sent, or the peer's receipts
         }
         let text = String::from_utf8_lossy(&e.body).into_owned();
         let mut parts = text.split(' ');

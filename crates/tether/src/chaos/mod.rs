@@ -487,6 +487,9 @@ async fn drive(
             loop {
                 tokio::select! {
                     entry = client.recv() => match entry {
+                        // Delivered and read receipts ride the same stream; the
+                        // verdict is about messages.
+                        Some(entry) if entry.r#type != tether_client::EntryType::Message as i32 => {}
                         Some(entry) => {
                             let mut log = log.lock();
                             match parse_body(&entry.body) {
