@@ -61,6 +61,9 @@ pub fn refusal_code(code: Refuse) -> pb::ErrorCode {
     }
 }
 
+// `Stop` is sent once; boxing every request to shrink it would cost an allocation per
+// send.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     Append(CommitRequest),
     Stop,

@@ -522,7 +522,7 @@ impl<'t> Writer<'t> {
                 .map(|(user, _)| user)
                 .collect(),
         };
-        if !members.iter().any(|m| *m == req.sender) {
+        if !members.contains(&req.sender) {
             let outcome = if members.is_empty() {
                 refused(Refuse::NotFound, format!("no group {group:?}"))
             } else {
@@ -788,9 +788,11 @@ impl<'t> Writer<'t> {
                     second = v;
                 }
             }
-            for i in 0..rows.len() {
+            // Marks are settled first (the rows are written as they change), then the
+            // receipts, which need `self` again.
+            let mut owed = Vec::new();
+            for (i, (user, row)) in rows.iter_mut().enumerate() {
                 let others = if i == first.1 { second } else { first.0 };
-                let row = &mut rows[i].1;
                 let notified = match mark {
                     Mark::Delivered => &mut row.notified_delivered,
                     Mark::Read => &mut row.notified_read,
@@ -800,9 +802,10 @@ impl<'t> Writer<'t> {
                 }
                 let from = *notified + 1;
                 *notified = others;
-                let row = *row;
-                let user = rows[i].0.clone();
                 self.members.insert((group, user.as_str()), row.value())?;
+                owed.push((user.clone(), from, others));
+            }
+            for (user, from, others) in owed {
                 let uid = self.uid(&user)?;
                 let sent_any = self
                     .group_sent
@@ -982,11 +985,10 @@ impl<'t> Writer<'t> {
         };
         self.receipt(req, user, user, conversation, &echo)?;
         match conversation_group(conversation) {
-            Some(group) => {
-                if self.move_member_mark(group, user, Mark::Read, message_id)? {
-                    self.aggregate(req, group)?;
-                }
+            Some(group) if self.move_member_mark(group, user, Mark::Read, message_id)? => {
+                self.aggregate(req, group)?;
             }
+            Some(_) => {}
             None if newly_read => {
                 let body = pb::ReceiptBody {
                     kind: pb::ReceiptKind::Read as i32,
