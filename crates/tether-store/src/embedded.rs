@@ -270,9 +270,10 @@ impl Store for EmbeddedStore {
         let (outcomes, assigned) = {
             let mut writer = write::Writer::open(&txn, &cached)?;
             let mut outcomes = Vec::with_capacity(batch.len());
-            for req in batch {
-                outcomes.push(writer.apply(req)?);
+            for (index, req) in batch.iter().enumerate() {
+                outcomes.push(writer.apply(index, req)?);
             }
+            writer.aggregate_deferred(batch, &mut outcomes)?;
             (outcomes, writer.finish()?)
         };
         drop(cached);

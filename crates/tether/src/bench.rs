@@ -61,6 +61,28 @@ enum Which {
         #[command(flatten)]
         target: Target,
     },
+    /// Group fan-out: senders in a group of N members send pipelined; every member's
+    /// device receives. Committed and delivered copies (members × messages) per second,
+    /// for each group size given.
+    Fanout {
+        /// Group sizes to run, one after the other (the server's cap is 500).
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+        members: Vec<usize>,
+        /// Group messages per group size.
+        #[arg(long, default_value_t = 2_000)]
+        messages: u64,
+        /// Members that send (each on its own connection), sharing the messages.
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Sends in flight per sender.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value = "fsync")]
+        durability: Durability,
+        /// Body size in bytes.
+        #[arg(long, default_value_t = 64)]
+        body: usize,
+    },
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -96,6 +118,14 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             durability,
             target,
         } => latency(pairs, rate, seconds, durability, &target).await,
+        Which::Fanout {
+            members,
+            messages,
+            senders,
+            window,
+            durability,
+            body,
+        } => fanout(&members, messages, senders, window, durability, body).await,
         Which::Memory { sessions } => memory(sessions).await,
         Which::MemoryTcp {
             sessions,
@@ -510,6 +540,148 @@ async fn latency(
         "max_ms": pct(1.0),
         "server": if server.running.is_none() { "external process" } else { "in process" },
         "server_commit_histogram": server_metrics,
+    }))
+}
+
+/// One group size of `tether bench fanout`.
+async fn fanout(
+    sizes: &[usize],
+    messages: u64,
+    senders: usize,
+    window: usize,
+    durability: Durability,
+    body: usize,
+) -> BenchResult {
+    let server = BenchServer::start(durability).await?;
+    let body = Bytes::from(vec![b'x'; body]);
+    let mut runs = Vec::new();
+    for &n in sizes {
+        let senders = senders.clamp(1, n);
+        let per_sender = messages.div_ceil(senders as u64);
+        let total = per_sender * senders as u64;
+        let group = format!("fan{n}-{:x}", rand::random::<u32>());
+        let users: Vec<String> = (0..n).map(|i| format!("{group}-m{i}")).collect();
+
+        // The owner creates the group with everyone in it.
+        let mut owner = server.login(&users[0], "tx").await?;
+        let mut cmid = [0u8; 16];
+        cmid[..8].copy_from_slice(&rand::random::<u64>().to_le_bytes());
+        owner
+            .send(&Frame::GroupChange(pb::GroupChange {
+                client_msg_id: Bytes::copy_from_slice(&cmid),
+                group: group.clone(),
+                op: pb::GroupOp::Create as i32,
+                members: users[1..].to_vec(),
+                name: String::new(),
+            }))
+            .map_err(|e| e.to_string())?;
+        flush(&mut owner).await.map_err(|e| e.to_string())?;
+        loop {
+            let raw = recv(&mut owner)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("owner closed")?;
+            match frame::from_raw(&raw).map_err(|e| e.to_string())? {
+                Frame::SendAck(_) => break,
+                Frame::Error(e) => return Err(format!("group create refused: {}", e.reason)),
+                _ => {}
+            }
+        }
+
+        // Every member's "rx" device receives and ACKs, like an app would.
+        let mut receivers = Vec::new();
+        for user in &users {
+            let mut rx = server.login(user, "rx").await?;
+            receivers.push(tokio::spawn(async move {
+                let mut got = 0u64;
+                let mut unacked = 0u32;
+                while got < total {
+                    let raw = match recv(&mut rx).await {
+                        Ok(Some(raw)) => raw,
+                        _ => return Err(format!("receiver closed after {got}")),
+                    };
+                    if let Ok(Frame::Deliver(d)) = frame::from_raw(&raw) {
+                        let Some(entry) = d.entry else { continue };
+                        if entry.r#type == pb::EntryType::Message as i32 {
+                            got += 1;
+                        }
+                        unacked += 1;
+                        if unacked >= 64 || got == total {
+                            unacked = 0;
+                            let _ = rx.send(&Frame::Ack(pb::Ack { seq: entry.seq }));
+                            let _ = flush(&mut rx).await;
+                        }
+                    }
+                }
+                Ok::<_, String>(Instant::now())
+            }));
+        }
+        let mut txs = vec![owner];
+        for user in users.iter().take(senders).skip(1) {
+            txs.push(server.login(user, "tx").await?);
+        }
+        let started = Instant::now();
+        let mut sending = Vec::new();
+        for (s, mut tx) in txs.into_iter().enumerate() {
+            let group = group.clone();
+            let body = body.clone();
+            sending.push(tokio::spawn(async move {
+                let (mut sent, mut acked) = (0u64, 0u64);
+                while acked < per_sender {
+                    while sent < per_sender && sent - acked < window as u64 {
+                        let Frame::Send(mut send) =
+                            send_frame("", (s as u64) << 40 | sent, body.clone())
+                        else {
+                            unreachable!()
+                        };
+                        send.target = Some(pb::send::Target::Group(group.clone()));
+                        tx.send(&Frame::Send(send)).map_err(|e| e.to_string())?;
+                        sent += 1;
+                    }
+                    flush(&mut tx).await.map_err(|e| e.to_string())?;
+                    let raw = recv(&mut tx)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or("sender closed")?;
+                    match frame::from_raw(&raw).map_err(|e| e.to_string())? {
+                        Frame::SendAck(_) => acked += 1,
+                        Frame::Error(e) => return Err(format!("send refused: {}", e.reason)),
+                        _ => {}
+                    }
+                }
+                Ok::<_, String>(Instant::now())
+            }));
+        }
+        let mut committed_at = started;
+        for t in sending {
+            committed_at = committed_at.max(t.await.map_err(|e| e.to_string())??);
+        }
+        let mut delivered_at = started;
+        for r in receivers {
+            delivered_at = delivered_at.max(r.await.map_err(|e| e.to_string())??);
+        }
+        let commit_secs = (committed_at - started).as_secs_f64();
+        let deliver_secs = (delivered_at - started).as_secs_f64();
+        let copies = total * n as u64;
+        runs.push(serde_json::json!({
+            "members": n,
+            "senders": senders,
+            "messages": total,
+            "copies": copies,
+            "commit_seconds": (commit_secs * 1000.0).round() / 1000.0,
+            "messages_committed_per_sec": (total as f64 / commit_secs).round(),
+            "copies_committed_per_sec": (copies as f64 / commit_secs).round(),
+            "all_delivered_seconds": (deliver_secs * 1000.0).round() / 1000.0,
+            "copies_delivered_per_sec": (copies as f64 / deliver_secs).round(),
+        }));
+    }
+    server.shutdown().await;
+    Ok(serde_json::json!({
+        "bench": "fanout",
+        "durability": durability.to_string(),
+        "window_per_sender": window,
+        "runs": runs,
+        "server": "in process",
     }))
 }
 

@@ -19,6 +19,8 @@
 //!   smallest mark among the *other* current members passes one of its messages; one
 //!   entry covers all its messages up to that point. So a message costs its sender at
 //!   most two receipt entries whatever the group's size. Per-member marks are queryable.
+//!   The aggregate is computed once per group per batch (a pass over the members), not
+//!   once per mark: a 500-member group ACKing in one batch costs one pass, not 500.
 
 use super::{
     CONVS, ConvValue, DEDUP, DELIVERED, DedupKey, GROUP_SENT, GROUPS, HEADS, INBOX, MEMBERS, META,
@@ -181,6 +183,12 @@ pub(super) struct Writer<'t> {
     encoded: Vec<u8>,
     /// Inboxes the current request appended to, with their new heads.
     new_heads: Vec<(String, u64)>,
+    /// Groups whose member marks moved in this batch → the last request that moved
+    /// them. Aggregation runs once per group at the end of the batch: per mark it
+    /// would cost every ACK of a large group a pass over all members.
+    deferred: BTreeMap<String, usize>,
+    /// Index of the request being applied.
+    current: usize,
 }
 
 impl<'t> Writer<'t> {
@@ -219,11 +227,18 @@ impl<'t> Writer<'t> {
             entry: pb::Entry::default(),
             encoded: Vec::new(),
             new_heads: Vec::new(),
+            deferred: BTreeMap::new(),
+            current: 0,
         })
     }
 
-    /// Applies one request.
-    pub(super) fn apply(&mut self, req: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+    /// Applies request `index` of the batch.
+    pub(super) fn apply(
+        &mut self,
+        index: usize,
+        req: &AppendRequest,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.current = index;
         self.new_heads.clear();
         match &req.action {
             Action::Message(targets) => {
@@ -252,6 +267,23 @@ impl<'t> Writer<'t> {
             Action::Read(mark) => self.read(req, mark),
             Action::Delivered { up_to_seq } => self.delivered_mark(req, *up_to_seq),
         }
+    }
+
+    /// Runs the aggregation of every group whose marks moved in this batch; the heads
+    /// it moves join the outcome of the last request that moved the group's marks.
+    pub(super) fn aggregate_deferred(
+        &mut self,
+        batch: &[AppendRequest],
+        outcomes: &mut [AppendOutcome],
+    ) -> Result<(), StoreError> {
+        for (group, index) in std::mem::take(&mut self.deferred) {
+            self.new_heads.clear();
+            self.aggregate(&batch[index], &group)?;
+            if let AppendOutcome::New { heads, .. } = &mut outcomes[index] {
+                heads.append(&mut self.new_heads);
+            }
+        }
+        Ok(())
     }
 
     /// Writes back heads, conversation rows and counters; returns the uids assigned.
@@ -912,7 +944,7 @@ impl<'t> Writer<'t> {
         }
         for (group, message_id) in groups {
             if self.move_member_mark(&group, user, Mark::Delivered, message_id)? {
-                self.aggregate(req, &group)?;
+                self.deferred.insert(group, self.current);
             }
         }
         Ok(self.outcome(0, end, req.ts_ms))
@@ -986,7 +1018,7 @@ impl<'t> Writer<'t> {
         self.receipt(req, user, user, conversation, &echo)?;
         match conversation_group(conversation) {
             Some(group) if self.move_member_mark(group, user, Mark::Read, message_id)? => {
-                self.aggregate(req, group)?;
+                self.deferred.insert(group.to_owned(), self.current);
             }
             Some(_) => {}
             None if newly_read => {
