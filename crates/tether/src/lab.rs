@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tether_client::smart::{ProbeMode, SmartConfig, SmartEventKind, SmartSettings};
 use tether_client::{
-    Client, ClientConfig, ClientEvent, ClientHandle, DisconnectReason, TcpConnector,
+    Client, ClientConfig, ClientEvent, ClientHandle, DisconnectReason, NetConnector,
 };
 use tether_core::heartbeat::HeartbeatMode;
 use tether_lab::chart::{HLine, Series};
@@ -261,11 +261,11 @@ impl Env {
         c.backoff_base = Duration::from_millis(200);
         c.backoff_cap = Duration::from_secs(2);
         c.auto_ack = true;
-        c.connector = Arc::new(TcpConnector {
+        c.connector = Arc::new(NetConnector::new(
             // A backstop far past any interval here: it must never warm the NAT.
-            keepalive_idle: Some(Duration::from_secs(600)),
-            user_timeout: Some(Duration::from_secs(12)),
-        });
+            Some(Duration::from_secs(600)),
+            Some(Duration::from_secs(12)),
+        ));
         c
     }
 
@@ -923,10 +923,12 @@ fn switch(env: &Env, report: &mut Report) {
     let mut segments = vec![(0.0, t0)];
     let mut go = |router: usize, id: &str| {
         env.lab.use_router(router).expect("route");
+        // Read the clock before the switch: its `Switched` event is stamped during the
+        // call, and a loaded machine must not make it look older than the switch.
+        let t = env.clock.t();
         let h = c.handle.clone();
         let id = id.to_string();
         rt.block_on(async move { h.switch_network(id).await });
-        let t = env.clock.t();
         segments.push((t, if router == 0 { t0 } else { t1 }));
         t
     };
