@@ -617,7 +617,8 @@ impl ClientHandle {
 
     /// Tells the client the device moved to the network `id` (an app-chosen name, e.g.
     /// a hash of the Wi-Fi SSID or the carrier): like [`Self::network_changed`], and the
-    /// smart heartbeat switches to that network's learned interval at once.
+    /// smart heartbeat switches to that network's learned interval at once. Over QUIC
+    /// the session migrates to a fresh local socket instead of reconnecting.
     pub async fn switch_network(&self, id: impl Into<String>) {
         let _ = self
             .controls

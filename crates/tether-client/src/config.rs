@@ -1,7 +1,7 @@
 //! Client configuration: a plain struct with safe defaults from [`ClientConfig::new`].
 
 use crate::backoff::{DEFAULT_BASE, DEFAULT_CAP};
-use crate::connector::{Connector, TcpConnector};
+use crate::connector::{Connector, NetConnector};
 use crate::error::ClientError;
 use crate::heartbeat::{DEFAULT_PONG_TIMEOUT, MAX_MISSES};
 use std::fmt;
@@ -94,13 +94,11 @@ impl ClientConfig {
             entry_buffer: 256,
             network_id: "default".into(),
             smart_heartbeat: None,
-            connector: Arc::new(TcpConnector {
+            connector: Arc::new(NetConnector::new(
                 // Backstop only: well past the heartbeat's own dead-link time.
-                keepalive_idle: Some(
-                    heartbeat_interval + pong_timeout * MAX_MISSES + Duration::from_secs(60),
-                ),
-                user_timeout: Some(Duration::from_secs(60)),
-            }),
+                Some(heartbeat_interval + pong_timeout * MAX_MISSES + Duration::from_secs(60)),
+                Some(Duration::from_secs(60)),
+            )),
         }
     }
 

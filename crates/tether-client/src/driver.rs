@@ -327,7 +327,7 @@ impl Driver {
                     .collect(),
             );
             config.heartbeat_interval =
-                engine.switch_network(network_key(&config.network_id), now());
+                engine.switch_network(network_key(&config.network_id, &config.servers), now());
             let (results_tx, results_rx) = mpsc::channel(4);
             Box::new(Smart {
                 engine,
@@ -603,7 +603,9 @@ impl Driver {
                 if let Some(id) = network {
                     self.switch_network(id);
                 }
-                self.network_changed();
+                if !self.migrate() {
+                    self.network_changed();
+                }
             }
             Control::Query { what, reply } => {
                 let id = self.next_query_id;
@@ -627,6 +629,25 @@ impl Driver {
                     self.reads.insert(job.conversation.clone(), job);
                 }
             }
+        }
+    }
+
+    /// The device changed networks and the transport can migrate (QUIC): move it to a
+    /// fresh local socket and keep the session. False when it cannot.
+    fn migrate(&mut self) -> bool {
+        let Link::Up(conn) = &mut self.link else {
+            return false;
+        };
+        match conn.transport.rebind() {
+            Some(Ok(local)) => {
+                info!(%local, "session migrated to a new local address");
+                true
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "could not migrate the session; reconnecting");
+                false
+            }
+            None => false,
         }
     }
 
@@ -671,9 +692,10 @@ impl Driver {
         }
         smart.generation += 1;
         smart.main_failure = None;
-        smart
-            .engine
-            .switch_network(network_key(&self.config.network_id), now());
+        smart.engine.switch_network(
+            network_key(&self.config.network_id, &self.config.servers),
+            now(),
+        );
         self.smart_apply();
     }
 
@@ -1637,9 +1659,11 @@ async fn smart_result(smart: &mut Option<Box<Smart>>) -> (u64, SideResult) {
     }
 }
 
-/// The smart heartbeat's key for a network id (the transport is TCP for now).
-fn network_key(id: &str) -> NetworkKey {
-    NetworkKey::new(id, "tcp")
+/// The smart heartbeat's key for a network id: NATs time UDP mappings (QUIC) apart from
+/// TCP ones (TCP, TLS, WebSocket), so each path kind learns its own interval.
+fn network_key(id: &str, servers: &[String]) -> NetworkKey {
+    let udp = servers.first().is_some_and(|s| s.starts_with("quic://"));
+    NetworkKey::new(id, if udp { "udp" } else { "tcp" })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -1658,6 +1682,15 @@ async fn handshake(
 ) -> Result<Handshake, AttemptError> {
     let mut transport = match tokio::time::timeout(timeout, connector.connect(&server)).await {
         Ok(Ok(transport)) => transport,
+        Ok(Err(e)) if crate::connector::certificate_refused(&e) => {
+            let detail = e.to_string();
+            return Err(AttemptError::Ended(Ending {
+                reason: DisconnectReason::TlsRefused {
+                    detail: detail.clone(),
+                },
+                next: Next::Stop(ClientError::Tls(detail)),
+            }));
+        }
         Ok(Err(e)) => return Err(AttemptError::Connect(e.to_string())),
         Err(_) => {
             return Err(AttemptError::Connect(format!(
@@ -1827,7 +1860,10 @@ fn transport_ending(e: TransportError) -> Ending {
         TransportError::Io(_) | TransportError::Closed | TransportError::Truncated(_) => {
             DisconnectReason::NetworkDead
         }
-        TransportError::Frame(_) | TransportError::BadPreamble => DisconnectReason::ProtocolError {
+        TransportError::Frame(_)
+        | TransportError::BadPreamble
+        | TransportError::Decode(_)
+        | TransportError::WrongMessageType(_) => DisconnectReason::ProtocolError {
             detail: e.to_string(),
         },
     };

@@ -63,6 +63,11 @@ pub enum ClientError {
         /// Why the SDK gave up.
         reason: tether_core::outbox::GiveUp,
     },
+    /// The TLS or QUIC handshake refused the server (an expired certificate, one for
+    /// another host, an unknown issuer, a protocol the server does not offer). The
+    /// client does not reconnect: retrying cannot fix it.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The client was closed (or its driver is gone).
     #[error("client closed")]
     Closed,
@@ -143,6 +148,11 @@ pub enum DisconnectReason {
         /// What was wrong.
         detail: String,
     },
+    /// The server's certificate or handshake was refused (see [`ClientError::Tls`]).
+    TlsRefused {
+        /// Why.
+        detail: String,
+    },
     /// The app closed the client.
     LocalClose,
 }
@@ -161,6 +171,7 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::GoingAway => f.write_str("server going away"),
             DisconnectReason::AuthFailed => f.write_str("authentication failed"),
             DisconnectReason::ProtocolError { detail } => write!(f, "protocol error: {detail}"),
+            DisconnectReason::TlsRefused { detail } => write!(f, "TLS refused: {detail}"),
             DisconnectReason::LocalClose => f.write_str("closed locally"),
         }
     }

@@ -56,7 +56,8 @@ pub use client::{
 };
 pub use config::{ClientConfig, DEFAULT_SERVER, token_subject};
 pub use connector::{
-    BoxTransport, Connector, MemoryConnector, MemoryListener, TcpConnector, memory_connector,
+    BoxTransport, Connector, MemoryConnector, MemoryListener, NetConnector, Scheme, ServerUrl,
+    certificate_refused, memory_connector,
 };
 pub use error::{ClientError, DisconnectReason};
 pub use heartbeat::Heartbeat;

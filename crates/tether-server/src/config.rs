@@ -149,6 +149,15 @@ pub struct ServerConfig {
     pub replay_burst: u32,
     /// Probe sessions (side connections testing a heartbeat interval).
     pub probes: crate::probe::ProbeLimits,
+    /// TLS certificate chain and key (PEM); needed by `tls_listen`, `quic_listen` and
+    /// `https`.
+    pub tls: Option<TlsFiles>,
+    /// TLS over TCP listener.
+    pub tls_listen: Option<SocketAddr>,
+    /// QUIC (UDP) listener, ALPN `tether/1`.
+    pub quic_listen: Option<SocketAddr>,
+    /// HTTPS listener: the HTTP routes, `/ws` as `wss://`.
+    pub https: Option<SocketAddr>,
     /// Chaos runs and tests only: the store's unsynced writes live in process memory
     /// (see `tether_store::PowerLossFile`, seeded with this), so killing the process is
     /// a power cut. `None` in production.
@@ -185,6 +194,19 @@ impl Default for ServerConfig {
             replay_burst: 20_000,
             probes: Default::default(),
             simulate_power_loss: None,
+            tls: None,
+            tls_listen: None,
+            quic_listen: None,
+            https: None,
         }
     }
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
 }

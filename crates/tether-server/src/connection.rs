@@ -138,6 +138,8 @@ pub(crate) fn transport_close(e: TransportError) -> Close {
             format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
         ),
         TransportError::Frame(e) => Close::fatal(ErrorCode::MalformedFrame, e.to_string()),
+        TransportError::Decode(e) => Close::fatal(ErrorCode::MalformedFrame, e.to_string()),
+        TransportError::WrongMessageType(why) => Close::fatal(ErrorCode::MalformedFrame, why),
         // The peer may only have shut its write side: tell it, if it still listens.
         TransportError::Truncated(n) => Close::fatal(
             ErrorCode::MalformedFrame,

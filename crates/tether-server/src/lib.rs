@@ -16,6 +16,7 @@ pub mod config;
 pub mod connection;
 pub mod deadlines;
 mod devices;
+mod listeners;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
@@ -36,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use config::{ServerConfig, StartPolicy};
+pub use config::{ServerConfig, StartPolicy, TlsFiles};
 
 /// Directory under the data dir that holds the embedded store.
 pub const STORE_DIR: &str = "store";
@@ -50,6 +51,9 @@ pub enum ServerError {
     /// The token secret could not be loaded or created.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
+    /// The TLS certificate or key is missing or unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -231,19 +235,85 @@ impl Server {
             addr: cfg.listen,
             source,
         })?;
+        if !addr.ip().is_loopback() {
+            warn!(%addr, "plain TCP listener on a non-loopback address: tokens and messages cross the network unencrypted; use --tls-listen");
+        }
+        let tls = self.tls_config(&[tether_transport::tls::ALPN])?;
+        let https_tls = self.tls_config(&[b"http/1.1"])?;
+        let needs_tls =
+            cfg.tls_listen.is_some() || cfg.quic_listen.is_some() || cfg.https.is_some();
+        if needs_tls && tls.is_none() {
+            return Err(ServerError::Tls(
+                "a TLS, QUIC or HTTPS listener needs a certificate and key (--tls-cert, --tls-key)"
+                    .into(),
+            ));
+        }
+        let mut tasks = Vec::new();
         let http = match cfg.http {
-            Some(http) => Some(
-                metrics::serve_http(http, self.shared.metrics.clone())
-                    .await
-                    .map_err(|source| ServerError::Bind { addr: http, source })?,
-            ),
+            Some(http) => {
+                if !http.ip().is_loopback() {
+                    warn!(addr = %http, "plain HTTP (and ws://) on a non-loopback address: use --https-listen for wss://");
+                }
+                Some(
+                    metrics::serve_http(http, self.shared.clone(), None)
+                        .await
+                        .map_err(|source| ServerError::Bind { addr: http, source })?,
+                )
+            }
             None => None,
+        };
+        let https = match (cfg.https, https_tls) {
+            (Some(addr), Some(tls)) => Some(
+                metrics::serve_http(addr, self.shared.clone(), Some(tls.into()))
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            _ => None,
+        };
+        let tls_addr = match (cfg.tls_listen, &tls) {
+            (Some(at), Some(tls)) => {
+                let listener = TcpListener::bind(at)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                let local = listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                tasks.push(tokio::spawn(listeners::tls_accept_loop(
+                    listener,
+                    tls.clone().into(),
+                    self.shared.clone(),
+                )));
+                Some(local)
+            }
+            _ => None,
+        };
+        let quic_addr = match (cfg.quic_listen, tls) {
+            (Some(at), Some(tls)) => {
+                // QUIC's own idle timeout stays above the longest heartbeat deadline:
+                // the heartbeat decides liveness (DESIGN §4).
+                let idle =
+                    cfg.heartbeat.deadline(cfg.heartbeat.max_interval) + Duration::from_secs(30);
+                let endpoint = tether_transport::quic::server_endpoint(at, tls, idle)
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                let local = endpoint
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                tasks.push(tokio::spawn(listeners::quic_accept_loop(
+                    endpoint,
+                    self.shared.clone(),
+                )));
+                Some(local)
+            }
+            _ => None,
         };
         self.shared.start_sweeper();
         let accept = tokio::spawn(accept_loop(listener, self.shared.clone()));
         info!(
             %addr,
+            tls = ?tls_addr,
+            quic = ?quic_addr,
             http = ?http.as_ref().map(|h| h.0),
+            https = ?https.as_ref().map(|h| h.0),
             durability = %self.shared.store.durability(),
             data = %cfg.data_dir.display(),
             "tether server listening"
@@ -252,8 +322,16 @@ impl Server {
             server: self.clone(),
             addr,
             http_addr: http.as_ref().map(|h| h.0),
+            https_addr: https.as_ref().map(|h| h.0),
+            tls_addr,
+            quic_addr,
             accept,
-            http: http.map(|h| h.1),
+            http: http
+                .map(|h| h.1)
+                .into_iter()
+                .chain(https.map(|h| h.1))
+                .chain(tasks)
+                .collect(),
         })
     }
 
@@ -278,10 +356,17 @@ pub struct RunningServer {
     server: Server,
     /// Where clients connect.
     pub addr: SocketAddr,
-    /// Where /metrics is served.
+    /// Where /metrics (and `ws://…/ws`) is served.
     pub http_addr: Option<SocketAddr>,
+    /// Where HTTPS (and `wss://…/ws`) is served.
+    pub https_addr: Option<SocketAddr>,
+    /// Where TLS over TCP is served.
+    pub tls_addr: Option<SocketAddr>,
+    /// Where QUIC is served (UDP).
+    pub quic_addr: Option<SocketAddr>,
     accept: JoinHandle<()>,
-    http: Option<JoinHandle<()>>,
+    /// Every other listener's task.
+    http: Vec<JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -314,8 +399,8 @@ impl RunningServer {
     /// Stops accepting, closes sessions, flushes the store.
     pub async fn shutdown(self) {
         self.accept.abort();
-        if let Some(http) = &self.http {
-            http.abort();
+        for task in &self.http {
+            task.abort();
         }
         self.server.shutdown().await;
     }
@@ -325,12 +410,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
-                if let Some(timeout) = shared.config.tcp_user_timeout {
-                    let socket = socket2::SockRef::from(&stream);
-                    if let Err(e) = socket.set_tcp_user_timeout(Some(timeout)) {
-                        warn!(error = %e, "cannot set TCP_USER_TIMEOUT");
-                    }
-                }
+                set_user_timeout(&shared, &stream);
                 let transport = TcpTransport::accepted(stream, tether_proto::PRE_AUTH_MAX_FRAME);
                 tokio::spawn(connection::serve(shared.clone(), transport));
             }
@@ -340,5 +420,27 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// Applies the configured TCP_USER_TIMEOUT to an accepted socket.
+fn set_user_timeout(shared: &Shared, stream: &tokio::net::TcpStream) {
+    if let Some(timeout) = shared.config.tcp_user_timeout {
+        let socket = socket2::SockRef::from(stream);
+        if let Err(e) = socket.set_tcp_user_timeout(Some(timeout)) {
+            warn!(error = %e, "cannot set TCP_USER_TIMEOUT");
+        }
+    }
+}
+
+impl Server {
+    /// The server's TLS configuration offering `alpn`, if a certificate is configured.
+    fn tls_config(&self, alpn: &[&[u8]]) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
+        let Some(files) = &self.shared.config.tls else {
+            return Ok(None);
+        };
+        tether_transport::tls::server_config(&files.cert, &files.key, alpn)
+            .map(Some)
+            .map_err(|e| ServerError::Tls(e.to_string()))
     }
 }

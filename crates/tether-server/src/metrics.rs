@@ -38,6 +38,12 @@ pub struct Metrics {
     pub probe_sessions: Counter,
     /// Offline devices evicted to keep a user within the device cap.
     pub devices_evicted: Counter,
+    /// TLS and QUIC handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
+    /// WebSocket upgrades refused (unknown or missing sub-protocol).
+    pub ws_upgrades_refused: Counter,
+    /// QUIC sessions whose client moved to a new address (kept in step at scrape time).
+    pub quic_migrations: Counter,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -62,6 +68,9 @@ impl Default for Metrics {
             logins_throttled: Counter::default(),
             probe_sessions: Counter::default(),
             devices_evicted: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            ws_upgrades_refused: Counter::default(),
+            quic_migrations: Counter::default(),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -119,6 +128,21 @@ impl Default for Metrics {
             m.devices_evicted.clone(),
         );
         registry.register(
+            "tls_handshake_failures",
+            "TLS and QUIC handshakes that failed or did not finish within the login deadline",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "ws_upgrades_refused",
+            "WebSocket upgrades refused for an unknown or missing sub-protocol",
+            m.ws_upgrades_refused.clone(),
+        );
+        registry.register(
+            "quic_migrations",
+            "QUIC sessions whose client moved to a new address without reconnecting",
+            m.quic_migrations.clone(),
+        );
+        registry.register(
             "sessions_expired",
             "Sessions closed because nothing arrived within their liveness deadline",
             m.sessions_expired.clone(),
@@ -156,6 +180,11 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let seen = tether_transport::quic::migrations();
+        let counted = self.quic_migrations.get();
+        if seen > counted {
+            self.quic_migrations.inc_by(seen - counted);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -173,21 +202,57 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
     )
 }
 
-/// Binds the HTTP endpoint; returns its address and the task serving it.
-pub async fn serve_http(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let app = Router::new()
+/// The routes of the HTTP port: `/metrics`, `/healthz`, and `/ws` (WebSocket sessions).
+pub(crate) fn router(shared: Arc<crate::Shared>, kind: tether_transport::TransportKind) -> Router {
+    let ws = Router::new()
+        .route(
+            tether_transport::ws::PATH,
+            get(crate::listeners::ws_handler),
+        )
+        .with_state(crate::listeners::WsState {
+            shared: shared.clone(),
+            kind,
+        });
+    Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
+        .with_state(shared.metrics.clone())
+        .merge(ws)
+}
+
+/// Binds the HTTP endpoint (plain, or TLS when `tls` is given); returns its address and
+/// the task serving it.
+pub(crate) async fn serve_http(
+    addr: SocketAddr,
+    shared: Arc<crate::Shared>,
+    tls: Option<tether_transport::tls::TlsAcceptor>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP endpoint failed");
+    let task = match tls {
+        None => {
+            let app = router(shared, tether_transport::TransportKind::Ws)
+                .into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTP endpoint failed");
+                }
+            })
         }
-    });
+        Some(acceptor) => {
+            use axum::serve::ListenerExt;
+            // `tap_io` only so axum hands the peer address to `ConnectInfo`.
+            let listener =
+                crate::listeners::TlsListener::start(listener, acceptor, shared.clone())?
+                    .tap_io(|_| {});
+            let app = router(shared, tether_transport::TransportKind::Wss)
+                .into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTPS endpoint failed");
+                }
+            })
+        }
+    };
     Ok((local, task))
 }

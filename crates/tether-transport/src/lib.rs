@@ -8,14 +8,25 @@
 //!   process can hold far more sessions than it has file descriptors, and the cost of
 //!   a session can be measured without the kernel's socket memory.
 //!
+//! - [`tls`]: the same framing over TLS (rustls); certificates, server and client
+//!   configurations, and a self-signed development certificate.
+//! - [`ws`]: one frame per WebSocket message, binary (`tether.v1.proto`) or the proto3
+//!   JSON mapping as text (`tether.v1.json`).
+//! - [`quic`]: the same framing over one bidirectional QUIC stream (quinn, ALPN
+//!   `tether/1`), with connection migration.
+//!
 //! This crate knows frames, not the protocol: it never interprets kinds.
 
 pub mod memory;
+pub mod quic;
 pub mod tcp;
+pub mod tls;
+pub mod ws;
 
 use std::io;
+use std::net::SocketAddr;
 use std::task::{Context, Poll};
-use tether_proto::{Frame, FrameError, RawFrame};
+use tether_proto::{DecodeError, Frame, FrameError, RawFrame};
 use thiserror::Error;
 
 /// Why a transport failed. All are fatal to the connection.
@@ -36,6 +47,14 @@ pub enum TransportError {
     /// Sending on a transport whose peer is gone.
     #[error("transport closed")]
     Closed,
+    /// A message-based transport carried something that is not a frame (a JSON text
+    /// that does not decode).
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// A message of the wrong type for the negotiated encoding (text on the binary
+    /// WebSocket sub-protocol, or binary on the JSON one).
+    #[error("{0}")]
+    WrongMessageType(String),
 }
 
 /// Which transport a connection uses, for logs and metrics.
@@ -43,6 +62,14 @@ pub enum TransportError {
 pub enum TransportKind {
     /// Plain TCP.
     Tcp,
+    /// TLS over TCP.
+    Tls,
+    /// WebSocket over plain HTTP.
+    Ws,
+    /// WebSocket over HTTPS.
+    Wss,
+    /// One bidirectional QUIC stream.
+    Quic,
     /// In-process pipe.
     Memory,
 }
@@ -52,6 +79,10 @@ impl TransportKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Tls => "tls",
+            TransportKind::Ws => "ws",
+            TransportKind::Wss => "wss",
+            TransportKind::Quic => "quic",
             TransportKind::Memory => "memory",
         }
     }
@@ -91,6 +122,13 @@ pub trait Transport: Send + Unpin + 'static {
     /// The kernel's view of the connection (TCP_INFO), where there is one; used to
     /// diagnose a failed heartbeat.
     fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        None
+    }
+
+    /// Moves the local end to a fresh socket while keeping the session, where the
+    /// transport can (QUIC connection migration); returns the new local address.
+    /// `None` when the transport cannot migrate.
+    fn rebind(&mut self) -> Option<io::Result<SocketAddr>> {
         None
     }
 }
@@ -136,5 +174,8 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
         (**self).tcp_snapshot()
+    }
+    fn rebind(&mut self) -> Option<io::Result<SocketAddr>> {
+        (**self).rebind()
     }
 }

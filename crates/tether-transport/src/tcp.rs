@@ -1,11 +1,17 @@
-//! Frames over TCP: preamble, varint length prefix, no buffers while idle.
+//! Frames over a byte stream: preamble, varint length prefix, no buffers while idle.
+//!
+//! [`StreamTransport`] owns the framing for every stream transport: plain TCP
+//! ([`TcpTransport`]), TLS over TCP and a QUIC bidirectional stream. What differs
+//! between them (the kind, the peer address, TCP_INFO) comes from [`StreamIo`].
 
 use crate::{Transport, TransportError, TransportKind};
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tether_proto::{Frame, PREAMBLE, RawFrame, codec, frame};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Size of the per-thread read buffer: one read takes at most this much.
@@ -16,28 +22,63 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
 }
 
-/// Whole frames over a TCP stream.
+/// A byte stream a [`StreamTransport`] can run over.
+pub trait StreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Which transport this stream makes.
+    fn kind(&self) -> TransportKind;
+    /// The peer's address, for logs.
+    fn peer(&self) -> String;
+    /// TCP_INFO of the underlying TCP socket, where there is one.
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        None
+    }
+    /// Moves the local end to a new socket, keeping the session (QUIC migration).
+    fn rebind(&mut self) -> Option<io::Result<SocketAddr>> {
+        None
+    }
+}
+
+impl StreamIo for TcpStream {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into())
+    }
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        tcp_info(self)
+    }
+}
+
+/// Whole frames over a byte stream.
 #[derive(Debug)]
-pub struct TcpTransport {
-    stream: TcpStream,
+pub struct StreamTransport<S> {
+    io: S,
     /// Bytes received but not yet taken as frames; empty (no allocation) when idle.
     inbuf: Vec<u8>,
     /// Read position in `inbuf`.
     inpos: usize,
-    /// Encoded frames waiting for the socket; empty (no allocation) when idle.
+    /// Encoded frames waiting for the stream; empty (no allocation) when idle.
     out: Vec<u8>,
     /// Write position in `out`.
     outpos: usize,
+    /// Bytes handed to `io` that it has not confirmed flushed (TLS, QUIC buffer them).
+    unflushed: bool,
     max_frame: u32,
     /// The server side still expects the client's preamble.
     expect_preamble: bool,
 }
 
+/// Whole frames over a plain TCP stream.
+pub type TcpTransport = StreamTransport<TcpStream>;
+
 impl TcpTransport {
     /// The server side of an accepted connection: the first 4 bytes must be the preamble.
     pub fn accepted(stream: TcpStream, max_frame: usize) -> Self {
         let _ = stream.set_nodelay(true);
-        Self::new(stream, max_frame, true)
+        Self::server(stream, max_frame)
     }
 
     /// Connects to a server and queues the preamble.
@@ -47,28 +88,41 @@ impl TcpTransport {
         Ok(Self::client(stream, max_frame))
     }
 
-    /// The client side of an already connected stream; queues the preamble.
-    pub fn client(stream: TcpStream, max_frame: usize) -> Self {
-        let mut t = Self::new(stream, max_frame, false);
+    /// The underlying stream (for socket options and TCP_INFO).
+    pub fn stream(&self) -> &TcpStream {
+        &self.io
+    }
+}
+
+impl<S: StreamIo> StreamTransport<S> {
+    /// The server side of a stream: the first 4 bytes must be the preamble.
+    pub fn server(io: S, max_frame: usize) -> Self {
+        Self::new(io, max_frame, true)
+    }
+
+    /// The client side of a connected stream; queues the preamble.
+    pub fn client(io: S, max_frame: usize) -> Self {
+        let mut t = Self::new(io, max_frame, false);
         t.out.extend_from_slice(&PREAMBLE);
         t
     }
 
-    fn new(stream: TcpStream, max_frame: usize, expect_preamble: bool) -> Self {
+    fn new(io: S, max_frame: usize, expect_preamble: bool) -> Self {
         Self {
-            stream,
+            io,
             inbuf: Vec::new(),
             inpos: 0,
             out: Vec::new(),
             outpos: 0,
+            unflushed: false,
             max_frame: max_frame.min(u32::MAX as usize) as u32,
             expect_preamble,
         }
     }
 
-    /// The underlying stream (for socket options and TCP_INFO).
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
+    /// The underlying stream.
+    pub fn io(&self) -> &S {
+        &self.io
     }
 
     /// Takes the next frame (or checks the preamble) out of `buf`, returning it and the
@@ -99,9 +153,47 @@ impl TcpTransport {
             self.inpos = 0;
         }
     }
+
+    /// Handles `n` fresh bytes in `scratch`: `Ok(None)` when they hold no whole frame.
+    fn took(&mut self, scratch: &[u8]) -> Result<Option<Option<RawFrame>>, TransportError> {
+        let n = scratch.len();
+        if n == 0 {
+            let partial = self.inbuf.len() - self.inpos;
+            return if partial == 0 && !self.expect_preamble {
+                Ok(Some(None))
+            } else if self.expect_preamble && partial == 0 {
+                Err(TransportError::BadPreamble)
+            } else {
+                Err(TransportError::Truncated(partial))
+            };
+        }
+        if self.inpos < self.inbuf.len() {
+            // A partial frame is waiting: drop what was already taken, so the
+            // buffer never holds more than one partial frame plus one read.
+            self.inbuf.drain(..self.inpos);
+            self.inpos = 0;
+            self.inbuf.extend_from_slice(scratch);
+            let pending = std::mem::take(&mut self.inbuf);
+            let result = self.take(&pending[self.inpos..]);
+            self.inbuf = pending;
+            let (frame, used) = result?;
+            self.inpos += used;
+            if frame.is_some() {
+                self.compact_inbuf();
+            }
+            return Ok(frame.map(Some));
+        }
+        // Common case: parse straight out of the scratch buffer.
+        let (frame, used) = self.take(scratch)?;
+        if used < n {
+            self.inbuf = scratch[used..n].to_vec();
+            self.inpos = 0;
+        }
+        Ok(frame.map(Some))
+    }
 }
 
-impl Transport for TcpTransport {
+impl<S: StreamIo> Transport for StreamTransport<S> {
     fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
@@ -119,49 +211,18 @@ impl Transport for TcpTransport {
             }
         }
         loop {
-            ready!(self.stream.poll_read_ready(cx))?;
             let step = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
-                let n = match self.stream.try_read(&mut scratch[..]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) => return Err(TransportError::Io(e)),
-                };
-                if n == 0 {
-                    let partial = self.inbuf.len() - self.inpos;
-                    return if partial == 0 && !self.expect_preamble {
-                        Ok(Some(None))
-                    } else if self.expect_preamble && partial == 0 {
-                        Err(TransportError::BadPreamble)
-                    } else {
-                        Err(TransportError::Truncated(partial))
-                    };
+                let mut buf = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(TransportError::Io(e))),
+                    Poll::Ready(Ok(())) => {}
                 }
-                if self.inpos < self.inbuf.len() {
-                    // A partial frame is waiting: drop what was already taken, so the
-                    // buffer never holds more than one partial frame plus one read.
-                    self.inbuf.drain(..self.inpos);
-                    self.inpos = 0;
-                    self.inbuf.extend_from_slice(&scratch[..n]);
-                    let pending = std::mem::take(&mut self.inbuf);
-                    let result = self.take(&pending[self.inpos..]);
-                    self.inbuf = pending;
-                    let (frame, used) = result?;
-                    self.inpos += used;
-                    if frame.is_some() {
-                        self.compact_inbuf();
-                    }
-                    return Ok(frame.map(Some));
-                }
-                // Common case: parse straight out of the scratch buffer.
-                let (frame, used) = self.take(&scratch[..n])?;
-                if used < n {
-                    self.inbuf = scratch[used..n].to_vec();
-                    self.inpos = 0;
-                }
-                Ok(frame.map(Some))
-            })?;
-            if let Some(frame) = step {
+                let n = buf.filled().len();
+                Poll::Ready(self.took(&scratch[..n]))
+            });
+            if let Some(frame) = ready!(step)? {
                 return Poll::Ready(Ok(frame));
             }
         }
@@ -178,11 +239,11 @@ impl Transport for TcpTransport {
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
         while self.outpos < self.out.len() {
-            match self.stream.try_write(&self.out[self.outpos..]) {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.outpos..])) {
                 Ok(0) => return Poll::Ready(Err(TransportError::Closed)),
-                Ok(n) => self.outpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.stream.poll_write_ready(cx))?;
+                Ok(n) => {
+                    self.outpos += n;
+                    self.unflushed = true;
                 }
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
@@ -190,6 +251,10 @@ impl Transport for TcpTransport {
         if !self.out.is_empty() {
             self.out = Vec::new();
             self.outpos = 0;
+        }
+        if self.unflushed {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.unflushed = false;
         }
         Poll::Ready(Ok(()))
     }
@@ -199,30 +264,32 @@ impl Transport for TcpTransport {
     }
 
     fn shutdown(&mut self) {
-        if let Ok(std) = self.stream_ref_socket() {
-            let _ = std.shutdown(std::net::Shutdown::Write);
-        }
+        // Best effort, without waiting: TCP shuts its write side, TLS queues
+        // close_notify and writes what it can, QUIC finishes the stream.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = Pin::new(&mut self.io).poll_shutdown(&mut cx);
     }
 
     fn kind(&self) -> TransportKind {
-        TransportKind::Tcp
+        self.io.kind()
     }
 
     fn peer(&self) -> String {
-        self.stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".into())
+        self.io.peer()
     }
 
     fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
-        tcp_info(&self.stream)
+        self.io.tcp_snapshot()
+    }
+
+    fn rebind(&mut self) -> Option<io::Result<SocketAddr>> {
+        self.io.rebind()
     }
 }
 
 /// Reads TCP_INFO of a socket (Linux).
 #[cfg(target_os = "linux")]
-fn tcp_info(stream: &TcpStream) -> Option<tether_core::diagnosis::TcpSnapshot> {
+pub(crate) fn tcp_info(stream: &TcpStream) -> Option<tether_core::diagnosis::TcpSnapshot> {
     use std::os::fd::AsRawFd;
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -252,14 +319,8 @@ fn tcp_info(stream: &TcpStream) -> Option<tether_core::diagnosis::TcpSnapshot> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn tcp_info(_stream: &TcpStream) -> Option<tether_core::diagnosis::TcpSnapshot> {
+pub(crate) fn tcp_info(_stream: &TcpStream) -> Option<tether_core::diagnosis::TcpSnapshot> {
     None
-}
-
-impl TcpTransport {
-    fn stream_ref_socket(&self) -> io::Result<socket2::SockRef<'_>> {
-        Ok(socket2::SockRef::from(&self.stream))
-    }
 }
 
 #[cfg(test)]

@@ -83,6 +83,22 @@ enum Which {
         #[arg(long, default_value_t = 64)]
         body: usize,
     },
+    /// Each transport (tcp, tls, ws proto/json, wss, quic) against a `tether serve`
+    /// child: bytes on the wire per heartbeat and per small message, 1:1 latency, and
+    /// server memory per idle session.
+    Transports {
+        /// PING → PONG round trips per transport.
+        #[arg(long, default_value_t = 2000)]
+        heartbeats: u64,
+        /// Messages (one in flight) per transport.
+        #[arg(long, default_value_t = 2000)]
+        messages: u64,
+        /// Idle sessions held per transport for the memory figure.
+        #[arg(long, default_value_t = 2000)]
+        sessions: usize,
+        #[arg(long, default_value = "relaxed", value_parser = ["relaxed", "fsync"])]
+        durability: String,
+    },
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -127,6 +143,12 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             body,
         } => fanout(&members, messages, senders, window, durability, body).await,
         Which::Memory { sessions } => memory(sessions).await,
+        Which::Transports {
+            heartbeats,
+            messages,
+            sessions,
+            durability,
+        } => crate::bench_transports::run(heartbeats, messages, sessions, &durability).await,
         Which::MemoryTcp {
             sessions,
             pid,
@@ -722,7 +744,7 @@ fn rss_bytes() -> Result<u64, String> {
 }
 
 /// Resident set size of process `pid` ("self" for this one), bytes.
-fn rss_of(pid: &str) -> Result<u64, String> {
+pub(crate) fn rss_of(pid: &str) -> Result<u64, String> {
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).map_err(|e| e.to_string())?;
     let pages: u64 = statm
         .split_whitespace()

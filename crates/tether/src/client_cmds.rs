@@ -20,9 +20,14 @@ use tokio::task::{JoinHandle, JoinSet};
 /// How to reach the server and who to be; shared by every client command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnArgs {
-    /// Server address (host:port).
+    /// Server URL: `host:port` or `tcp://` (plain TCP), `tls://`, `ws://host:port/ws`,
+    /// `wss://host:port/ws` (add `?encoding=json` for the JSON sub-protocol), `quic://`.
     #[arg(long, default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// CA certificate (PEM) to verify a TLS, WSS or QUIC server against, instead of the
+    /// system's roots (e.g. the cert.pem of `tether cert`).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     /// Login token (a JWT whose `sub` is the user).
     #[arg(long, conflicts_with = "user", required_unless_present = "user")]
     pub token: Option<String>,
@@ -260,6 +265,19 @@ fn login(conn: &ConnArgs) -> Result<Login, String> {
     };
     config.platform = "cli".into();
     config.app_version = concat!("tether-cli/", env!("CARGO_PKG_VERSION")).into();
+    tether_client::ServerUrl::parse(&conn.server).map_err(|e| e.to_string())?;
+    config.connector = std::sync::Arc::new(
+        tether_client::NetConnector::new(
+            // Backstop only: well past the heartbeat's own dead-link time (DESIGN §4).
+            Some(
+                config.heartbeat_interval
+                    + config.pong_timeout * 2
+                    + std::time::Duration::from_secs(60),
+            ),
+            Some(std::time::Duration::from_secs(60)),
+        )
+        .with_ca_file(conn.ca.clone()),
+    );
     Ok(Login {
         config,
         user,

@@ -9,6 +9,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod bench_transports;
 mod chaos;
 mod client_cmds;
 mod lab;
@@ -38,6 +39,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print a login token for a user (signed with the data dir's secret).
     Token(TokenArgs),
+    /// Write a self-signed development certificate and key (PEM) for TLS, WSS and QUIC.
+    Cert(CertArgs),
     /// Send one message; exits 0 only after the server's SEND_ACK.
     Send(client_cmds::SendArgs),
     /// Print delivered messages as JSON lines and acknowledge them.
@@ -65,9 +68,25 @@ struct ServeArgs {
     /// Address for client connections.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Address for HTTP (/metrics, /healthz).
+    /// Address for HTTP (/metrics, /healthz, and WebSocket sessions at /ws).
     #[arg(long, default_value = "127.0.0.1:7401")]
     http: SocketAddr,
+    /// Address for TLS over TCP (`tls://`); needs --tls-cert and --tls-key.
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
+    /// UDP address for QUIC (`quic://`, ALPN tether/1); needs --tls-cert and --tls-key.
+    #[arg(long)]
+    quic_listen: Option<SocketAddr>,
+    /// Address for HTTPS: the HTTP routes, and WebSocket over TLS (`wss://…/ws`).
+    #[arg(long)]
+    https_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for TLS, QUIC and HTTPS (`tether cert` makes a
+    /// self-signed one for development).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// `fsync` (acknowledged = on disk, survives power loss) or `relaxed` (written to
     /// the OS: survives a crash of the server, not a power cut).
     #[arg(long, default_value = "fsync")]
@@ -157,6 +176,56 @@ struct ServeArgs {
 }
 
 #[derive(clap::Args)]
+struct CertArgs {
+    /// Names the certificate is valid for (DNS names or IP addresses).
+    #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+    hosts: Vec<String>,
+    /// Where to write cert.pem and key.pem.
+    #[arg(long, default_value = "tether-data/tls")]
+    out: PathBuf,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+fn make_cert(args: CertArgs) -> ExitCode {
+    let written = (|| -> std::io::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = tether_transport::tls::self_signed(&args.hosts, args.days)?;
+        std::fs::create_dir_all(&args.out)?;
+        let (cert_path, key_path) = (args.out.join("cert.pem"), args.out.join("key.pem"));
+        std::fs::write(&cert_path, cert)?;
+        let mut options = std::fs::OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(
+            options.write(true).create(true).truncate(true),
+            0o600,
+        );
+        std::io::Write::write_all(&mut options.open(&key_path)?, key.as_bytes())?;
+        Ok((cert_path, key_path))
+    })();
+    match written {
+        Ok((cert, key)) => {
+            println!(
+                "wrote {} and {} (self-signed, for {}; development only)",
+                cert.display(),
+                key.display(),
+                args.hosts.join(", ")
+            );
+            println!(
+                "serve: tether serve --tls-listen 127.0.0.1:7443 --quic-listen 127.0.0.1:7443 --https-listen 127.0.0.1:7444 --tls-cert {} --tls-key {}",
+                cert.display(),
+                key.display()
+            );
+            println!("clients: add --ca {} to trust it", cert.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether cert: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(clap::Args)]
 struct TokenArgs {
     /// The user id (the token's `sub`).
     user: String,
@@ -218,6 +287,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Cert(args) => make_cert(args),
             Command::Send(args) => client_cmds::run_send(args).await,
             Command::Recv(args) => client_cmds::run_recv(args).await,
             Command::Chat(args) => client_cmds::run_chat(args).await,
@@ -265,6 +335,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         login_burst: args.login_burst,
         tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
             .then(|| Duration::from_millis(args.tcp_user_timeout_ms)),
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| tether_server::TlsFiles { cert, key }),
+        tls_listen: args.tls_listen,
+        quic_listen: args.quic_listen,
+        https: args.https_listen,
         ..ServerConfig::default()
     };
     let server = match Server::open(config) {

@@ -23,6 +23,12 @@ pub struct ServerProc {
     pub addr: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// TLS over TCP address, if started with `--tls-listen`.
+    pub tls: Option<SocketAddr>,
+    /// QUIC (UDP) address, if started with `--quic-listen`.
+    pub quic: Option<SocketAddr>,
+    /// HTTPS address, if started with `--https-listen`.
+    pub https: Option<SocketAddr>,
     /// Data directory.
     pub data: PathBuf,
     log: Arc<Mutex<String>>,
@@ -79,10 +85,14 @@ impl ServerProc {
             let end = rest.find([' ', ')']).unwrap_or(rest.len());
             rest[..end].parse().expect("address")
         };
+        let optional = |name: &str| line.contains(name).then(|| field(name));
         Self {
             child,
             addr: field("addr="),
             http: field("http=Some("),
+            tls: optional("tls=Some("),
+            quic: optional("quic=Some("),
+            https: optional("https=Some("),
             data: data.to_path_buf(),
             log,
             wrapped: !wrapper.is_empty(),
