@@ -37,14 +37,18 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 group "build (tests, debug)"          cargo test --workspace --no-run --quiet
 group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
 group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
+group "client SDK (scripted fake peer)" cargo test -p tether-client --test '*' --quiet
 group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether-server --test '*' --quiet -- --test-threads=1
 # The lab's scenarios run in parallel (each in its own namespaces; they mostly wait on
 # timers), everything else of the tether crate serially.
 e2e_tests=()
 for f in crates/tether/tests/*.rs; do
   t=$(basename "$f" .rs)
-  [ "$t" = lab ] || [ "$t" = chaos ] || e2e_tests+=(--test "$t")
+  [ "$t" = lab ] || [ "$t" = chaos ] || [ "$t" = conformance ] || e2e_tests+=(--test "$t")
 done
+# One suite, every transport: tcp, tls, ws (proto and json), wss, quic; real timing, so
+# serial.
+group "transports: conformance (tcp, tls, ws, wss, quic; serial)" cargo test -p tether --test conformance --quiet -- --test-threads=1
 group "end to end (CLI, processes; serial)" cargo test -p tether "${e2e_tests[@]}" --quiet -- --test-threads=1
 group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" cargo test -p tether --test chaos --quiet -- --test-threads=1 --nocapture
 group "network lab (root: namespaces, NAT; parallel)" cargo test -p tether-lab --test '*' --quiet

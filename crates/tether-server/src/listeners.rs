@@ -40,15 +40,9 @@ pub(crate) async fn tls_accept_loop(
                 let acceptor = acceptor.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    match handshake(&shared, &acceptor, stream, peer).await {
-                        Some(tls) => {
-                            connection::serve(
-                                shared,
-                                StreamTransport::server(tls, PRE_AUTH_MAX_FRAME),
-                            )
-                            .await
-                        }
-                        None => {}
+                    if let Some(tls) = handshake(&shared, &acceptor, stream, peer).await {
+                        let t = StreamTransport::server(tls, PRE_AUTH_MAX_FRAME);
+                        connection::serve(shared, t).await
                     }
                 });
             }
