@@ -280,7 +280,7 @@ impl Server {
                     .map_err(|source| ServerError::Bind { addr: at, source })?;
                 tasks.push(tokio::spawn(listeners::tls_accept_loop(
                     listener,
-                    tls.clone().into(),
+                    tls.clone(),
                     self.shared.clone(),
                 )));
                 Some(local)

@@ -21,7 +21,7 @@ use tether_proto::PRE_AUTH_MAX_FRAME;
 use tether_transport::TransportKind;
 use tether_transport::quic;
 use tether_transport::tcp::StreamTransport;
-use tether_transport::tls::TlsAcceptor;
+use tether_transport::tls::{LeanTlsStream, TlsAcceptor};
 use tether_transport::ws::{self, Encoding, WsFailure, WsMessage, WsSocket, WsTransport};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 /// Accepts TLS connections and serves each as a Tether session.
 pub(crate) async fn tls_accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     shared: Arc<Shared>,
 ) {
     loop {
@@ -37,10 +37,17 @@ pub(crate) async fn tls_accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 crate::set_user_timeout(&shared, &stream);
-                let acceptor = acceptor.clone();
+                let config = config.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Some(tls) = handshake(&shared, &acceptor, stream, peer).await {
+                    let deadline = shared.config.login_deadline;
+                    let handshake = LeanTlsStream::accept(stream, config);
+                    let tls = handshake_outcome(
+                        &shared,
+                        peer,
+                        tokio::time::timeout(deadline, handshake).await,
+                    );
+                    if let Some(tls) = tls {
                         let t = StreamTransport::server(tls, PRE_AUTH_MAX_FRAME);
                         connection::serve(shared, t).await
                     }
@@ -61,7 +68,21 @@ async fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    match tokio::time::timeout(shared.config.login_deadline, acceptor.accept(stream)).await {
+    let handshake = acceptor.accept(stream);
+    handshake_outcome(
+        shared,
+        peer,
+        tokio::time::timeout(shared.config.login_deadline, handshake).await,
+    )
+}
+
+/// Logs and counts a failed or late handshake.
+fn handshake_outcome<S>(
+    shared: &Shared,
+    peer: SocketAddr,
+    outcome: Result<io::Result<S>, tokio::time::error::Elapsed>,
+) -> Option<S> {
+    match outcome {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {
             shared.metrics.tls_handshake_failures.inc();

@@ -21,8 +21,6 @@ pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// ALPN of Tether over TLS and QUIC.
 pub const ALPN: &[u8] = b"tether/1";
 
-/// Whole frames over TLS, server side.
-pub type TlsServerTransport = StreamTransport<tokio_rustls::server::TlsStream<TcpStream>>;
 /// Whole frames over TLS, client side.
 pub type TlsClientTransport = StreamTransport<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -212,4 +210,476 @@ pub fn self_signed(hosts: &[String], days: u32) -> io::Result<(String, String)> 
     let key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
     let cert = params.self_signed(&key).map_err(io::Error::other)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The server side of TLS over TCP, on rustls's unbuffered API so that an idle session
+/// holds no buffer at all (DESIGN §10): ciphertext is read into the caller's buffer
+/// (the per-thread scratch of [`StreamTransport`]) and the plaintext is put back in
+/// its place; only the tail of a partial record is kept, and only until it completes;
+/// outgoing records exist only until the socket takes them. What stays per session is rustls's state
+/// (keys, sequence numbers).
+///
+/// rustls's buffered connection keeps a read buffer of at least 4 KiB for the life of
+/// the connection, which alone is the whole DESIGN §8 budget for a TLS session.
+pub struct LeanTlsStream {
+    tcp: TcpStream,
+    conn: rustls::server::UnbufferedServerConnection,
+    /// Ciphertext not yet processed (a partial record); empty when idle.
+    tls_in: Vec<u8>,
+    /// Ciphertext waiting for the socket; empty when idle.
+    out: Vec<u8>,
+    outpos: usize,
+    /// The peer sent close_notify (or the socket ended): reads return end of stream.
+    eof: bool,
+}
+
+impl std::fmt::Debug for LeanTlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeanTlsStream")
+            .field("peer", &self.tcp.peer())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whole frames over TLS, server side.
+pub type TlsServerTransport = StreamTransport<LeanTlsStream>;
+
+fn tls_io(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
+
+/// Appends what `encode` writes to `out`, growing it as rustls asks.
+fn encode_into(
+    out: &mut Vec<u8>,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, usize>,
+) -> io::Result<()> {
+    let start = out.len();
+    let mut room = 1024;
+    loop {
+        out.resize(start + room, 0);
+        match encode(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(required) if required > room => room = required,
+            Err(_) => {
+                out.truncate(start);
+                return Err(tls_io("encoder refused a large enough buffer"));
+            }
+        }
+    }
+}
+
+impl LeanTlsStream {
+    /// Runs the server handshake on `tcp` (bound the call with a deadline).
+    pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+        use rustls::unbuffered::{ConnectionState, EncodeError};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = rustls::server::UnbufferedServerConnection::new(config).map_err(tls_io)?;
+        let mut incoming: Vec<u8> = Vec::new();
+        let mut used = 0;
+        let mut outgoing: Vec<u8> = Vec::new();
+        let mut tcp = tcp;
+        loop {
+            let status = conn.process_tls_records(&mut incoming[..used]);
+            let discard = status.discard;
+            let mut need_read = false;
+            let mut done = false;
+            match status.state.map_err(tls_io)? {
+                ConnectionState::EncodeTlsData(mut s) => {
+                    encode_into(&mut outgoing, |buf| {
+                        s.encode(buf).map_err(|e| match e {
+                            EncodeError::InsufficientSize(i) => i.required_size,
+                            _ => 0,
+                        })
+                    })?;
+                }
+                ConnectionState::TransmitTlsData(s) => {
+                    tcp.write_all(&outgoing).await?;
+                    outgoing = Vec::new();
+                    s.done();
+                }
+                ConnectionState::BlockedHandshake => need_read = true,
+                ConnectionState::WriteTraffic(_) | ConnectionState::ReadTraffic(_) => done = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "TLS: the peer closed during the handshake",
+                    ));
+                }
+                _ => return Err(tls_io("unexpected state during the handshake")),
+            }
+            if discard > 0 {
+                incoming.copy_within(discard..used, 0);
+                used -= discard;
+            }
+            if done {
+                incoming.truncate(used);
+                let tls_in = if incoming.is_empty() {
+                    Vec::new()
+                } else {
+                    incoming
+                };
+                return Ok(Self {
+                    tcp,
+                    conn,
+                    tls_in,
+                    out: Vec::new(),
+                    outpos: 0,
+                    eof: false,
+                });
+            }
+            if need_read {
+                if incoming.len() < used + 4096 {
+                    incoming.resize(used + 4096, 0);
+                }
+                if used >= 64 * 1024 {
+                    return Err(tls_io("handshake message too large"));
+                }
+                let n = tcp.read(&mut incoming[used..]).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "TLS: the peer closed during the handshake",
+                    ));
+                }
+                used += n;
+            }
+        }
+    }
+
+    /// Brings the connection to its write state, encoding anything rustls must send
+    /// first (a key update answer) into `out`; then runs `f` on it.
+    fn with_write_traffic<R>(
+        &mut self,
+        mut f: impl FnMut(
+            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+            &mut Vec<u8>,
+        ) -> io::Result<R>,
+    ) -> io::Result<R> {
+        use rustls::unbuffered::{ConnectionState, EncodeError};
+        loop {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state.map_err(tls_io)? {
+                ConnectionState::WriteTraffic(mut w) => return f(&mut w, &mut self.out),
+                ConnectionState::EncodeTlsData(mut s) => encode_into(&mut self.out, |buf| {
+                    s.encode(buf).map_err(|e| match e {
+                        EncodeError::InsufficientSize(i) => i.required_size,
+                        _ => 0,
+                    })
+                })?,
+                ConnectionState::TransmitTlsData(s) => s.done(),
+                ConnectionState::Closed | ConnectionState::PeerClosed => {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS: closed"));
+                }
+                _ => return Err(tls_io("not ready to send")),
+            }
+        }
+    }
+
+    /// Decrypts the complete records at the front of `buf[..have]` in place and moves
+    /// their plaintext to the front; returns (plaintext length, bytes consumed).
+    fn decrypt_in_place(&mut self, buf: &mut [u8], have: usize) -> io::Result<(usize, usize)> {
+        use rustls::unbuffered::{ConnectionState, EncodeError};
+        let mut consumed = 0;
+        let mut plain = 0;
+        loop {
+            // This rustls hands out each record's plaintext in a buffer of its own.
+            let mut pieces: Vec<Vec<u8>> = Vec::new();
+            let status = self.conn.process_tls_records(&mut buf[consumed..have]);
+            let mut discard = status.discard;
+            let mut more = false;
+            match status.state.map_err(tls_io)? {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(tls_io)?;
+                        discard += record.discard;
+                        pieces.push(record.payload.to_vec());
+                    }
+                    more = true;
+                }
+                ConnectionState::EncodeTlsData(mut s) => {
+                    encode_into(&mut self.out, |b| {
+                        s.encode(b).map_err(|e| match e {
+                            EncodeError::InsufficientSize(i) => i.required_size,
+                            _ => 0,
+                        })
+                    })?;
+                    more = true;
+                }
+                ConnectionState::TransmitTlsData(s) => {
+                    s.done();
+                    more = true;
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => self.eof = true,
+                ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake => {}
+                _ => return Err(tls_io("unexpected state")),
+            }
+            for piece in pieces {
+                // Plaintext is never longer than the record it came in, so it lands
+                // below `consumed + discard`, on bytes already processed.
+                buf[plain..plain + piece.len()].copy_from_slice(&piece);
+                plain += piece.len();
+            }
+            consumed += discard;
+            if !more {
+                return Ok((plain, consumed));
+            }
+        }
+    }
+
+    fn poll_write_out(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        while self.outpos < self.out.len() {
+            match std::pin::Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.outpos..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.outpos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out = Vec::new();
+        self.outpos = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+impl AsyncRead for LeanTlsStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.eof {
+            return Poll::Ready(Ok(()));
+        }
+        let dst = buf.initialize_unfilled();
+        let mut have = this.tls_in.len();
+        if have >= dst.len() {
+            return Poll::Ready(Err(tls_io("record larger than the read buffer")));
+        }
+        dst[..have].copy_from_slice(&this.tls_in);
+        this.tls_in = Vec::new();
+        loop {
+            // Even with no new bytes: rustls may hold plaintext it decrypted already
+            // (records that came with the last handshake flight).
+            {
+                let (plain, consumed) = this.decrypt_in_place(dst, have)?;
+                // Anything rustls owes the peer (a key update) leaves now if it can;
+                // otherwise with the next flush.
+                if !this.out.is_empty() {
+                    let _ = this.poll_write_out(cx)?;
+                }
+                if plain > 0 {
+                    if consumed < have {
+                        this.tls_in = dst[consumed..have].to_vec();
+                    }
+                    buf.advance(plain);
+                    return Poll::Ready(Ok(()));
+                }
+                if consumed > 0 {
+                    dst.copy_within(consumed..have, 0);
+                    have -= consumed;
+                }
+                if this.eof {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            if have >= dst.len() {
+                return Poll::Ready(Err(tls_io("record larger than the read buffer")));
+            }
+            let mut rb = ReadBuf::new(&mut dst[have..]);
+            match std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                Poll::Pending => {
+                    if have > 0 {
+                        this.tls_in = dst[..have].to_vec();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        // The socket ended without close_notify.
+                        this.eof = true;
+                        return Poll::Ready(if have > 0 {
+                            Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "TLS: stream ended inside a record",
+                            ))
+                        } else {
+                            Ok(())
+                        });
+                    }
+                    have += n;
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LeanTlsStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        // Keep what waits for the socket bounded: push it out first.
+        if this.out.len() - this.outpos >= 64 * 1024 {
+            match this.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let take = data.len().min(64 * 1024);
+        this.with_write_traffic(|w, out| {
+            encode_into(out, |buf| {
+                w.encrypt(&data[..take], buf).map_err(|e| match e {
+                    rustls::unbuffered::EncryptError::InsufficientSize(i) => i.required_size,
+                    _ => 0,
+                })
+            })
+        })?;
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.get_mut().poll_write_out(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let _ = this.with_write_traffic(|w, out| {
+            encode_into(out, |buf| {
+                w.queue_close_notify(buf).map_err(|e| match e {
+                    rustls::unbuffered::EncryptError::InsufficientSize(i) => i.required_size,
+                    _ => 0,
+                })
+            })
+        });
+        let _ = this.poll_write_out(cx);
+        std::pin::Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+impl StreamIo for LeanTlsStream {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tls
+    }
+    fn peer(&self) -> String {
+        self.tcp.peer()
+    }
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        tcp_info(&self.tcp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Transport, flush, recv};
+    use tether_proto::{Frame, frame, pb};
+
+    /// A server and a client config trusting it, for 127.0.0.1.
+    fn configs(dir: &Path) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let (cert, key) = self_signed(&["127.0.0.1".into()], 1).unwrap();
+        std::fs::write(dir.join("c.pem"), cert).unwrap();
+        std::fs::write(dir.join("k.pem"), key).unwrap();
+        (
+            server_config(&dir.join("c.pem"), &dir.join("k.pem"), &[ALPN]).unwrap(),
+            client_config(Some(&dir.join("c.pem")), &[ALPN]).unwrap(),
+        )
+    }
+
+    async fn pair() -> (TlsServerTransport, TlsClientTransport) {
+        let dir = std::env::temp_dir().join(format!("tether-tls-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, client) = configs(&dir);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            LeanTlsStream::accept(tcp, server).await.unwrap()
+        };
+        let host = addr.to_string();
+        let connect = connect_transport(client, &host, addr, 1 << 20);
+        let (s, c) = tokio::join!(accept, connect);
+        (StreamTransport::server(s, 1 << 20), c.unwrap())
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[tokio::test]
+    async fn frames_cross_both_ways_and_the_idle_server_keeps_no_buffers() {
+        let (mut s, mut c) = pair().await;
+        for round in 0..3u64 {
+            // Many small frames, then one larger than a TLS record (16 KiB).
+            for i in 0..200u64 {
+                c.send(&Frame::Ack(pb::Ack {
+                    seq: round * 1000 + i,
+                }))
+                .unwrap();
+            }
+            let big = Frame::Send(pb::Send {
+                client_msg_id: vec![1u8; 16].into(),
+                target: Some(pb::send::Target::User("bob".into())),
+                body: vec![b'x'; 40_000].into(),
+                ..Default::default()
+            });
+            c.send(&big).unwrap();
+            flush(&mut c).await.unwrap();
+            for i in 0..200u64 {
+                let raw = recv(&mut s).await.unwrap().unwrap();
+                assert_eq!(
+                    frame::from_raw(&raw).unwrap(),
+                    Frame::Ack(pb::Ack {
+                        seq: round * 1000 + i
+                    })
+                );
+            }
+            assert_eq!(
+                frame::from_raw(&recv(&mut s).await.unwrap().unwrap()).unwrap(),
+                big
+            );
+            s.send(&Frame::Pong(pb::Pong::default())).unwrap();
+            flush(&mut s).await.unwrap();
+            let raw = recv(&mut c).await.unwrap().unwrap();
+            assert_eq!(
+                frame::from_raw(&raw).unwrap(),
+                Frame::Pong(pb::Pong::default())
+            );
+            let io = s.io();
+            assert_eq!(
+                (io.tls_in.capacity(), io.out.capacity()),
+                (0, 0),
+                "an idle TLS session holds no buffer"
+            );
+        }
+        // close_notify from the client is an orderly end of stream.
+        c.shutdown();
+        flush(&mut c).await.unwrap();
+        assert!(recv(&mut s).await.unwrap().is_none());
+    }
 }

@@ -133,6 +133,7 @@ impl Raw {
         url: &str,
         token: String,
         device: &str,
+        epoch: u64,
     ) -> Result<Self, String> {
         let t = connector
             .connect(url)
@@ -143,7 +144,7 @@ impl Raw {
             version: 1,
             token,
             device_id: device.into(),
-            device_epoch: 1,
+            device_epoch: epoch,
             heartbeat_interval_ms: 30_000,
             ..Default::default()
         }))
@@ -205,8 +206,8 @@ pub async fn run(
     for (run, (name, url)) in server.urls.iter().enumerate() {
         eprintln!("bench transports: {name} ({url})");
         let (alice_id, bob_id) = (format!("a{run}"), format!("b{run}"));
-        let mut alice = Raw::login(&connector, url, token(&alice_id)?, "d").await?;
-        let mut bob = Raw::login(&connector, url, token(&bob_id)?, "d").await?;
+        let mut alice = Raw::login(&connector, url, token(&alice_id)?, "d", 1).await?;
+        let mut bob = Raw::login(&connector, url, token(&bob_id)?, "d", 1).await?;
         // Heartbeats: sequential PING → PONG.
         let (b0, p0) = settled_counters().await?;
         for _ in 0..heartbeats {
@@ -256,26 +257,34 @@ pub async fn run(
         let (b2, p2) = settled_counters().await?;
         drop((alice, bob));
         latencies.sort_by(f64::total_cmp);
-        // Memory: S idle sessions; warm up first so allocator growth is not charged.
-        let mut held = Vec::with_capacity(sessions + 200);
-        for i in 0..200 {
-            held.push(Raw::login(&connector, url, token(&format!("w{run}-{i}"))?, "d").await?);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = crate::bench::rss_of(&server.pid)?;
-        for chunk in (0..sessions).collect::<Vec<_>>().chunks(100) {
-            let logins = chunk.iter().map(|i| {
-                let (connector, url) = (connector.clone(), url.clone());
-                let t = token(&format!("s{run}-{i}"));
-                async move { Raw::login(&connector, &url, t?, "d").await }
-            });
-            for r in futures_util::future::join_all(logins).await {
-                held.push(r?);
+        // Memory: S idle sessions. A first round creates the users and devices in the
+        // store, 100 sessions at a time, each closed at once; then the same devices log
+        // in again and stay, and only what the sessions hold is charged.
+        let mut before = 0;
+        let mut after = 0;
+        for round in 1..=2u64 {
+            let mut held = Vec::with_capacity(sessions);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            before = crate::bench::rss_of(&server.pid)?;
+            for chunk in (0..sessions).collect::<Vec<_>>().chunks(100) {
+                let logins = chunk.iter().map(|i| {
+                    let (connector, url) = (connector.clone(), url.clone());
+                    let t = token(&format!("s{run}-{i}"));
+                    async move { Raw::login(&connector, &url, t?, "d", round).await }
+                });
+                for r in futures_util::future::join_all(logins).await {
+                    held.push(r?);
+                }
+                if round == 1 {
+                    // Only creating users and devices: close each chunk at once.
+                    held.clear();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            after = crate::bench::rss_of(&server.pid)?;
+            drop(held);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = crate::bench::rss_of(&server.pid)?;
-        drop(held);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let per_session = after.saturating_sub(before) as f64 / sessions as f64;
         let hb = (b1 - b0) as f64 / heartbeats as f64;
