@@ -37,7 +37,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 group "build (tests, debug)"          cargo test --workspace --no-run --quiet
 group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
 group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
-group "client SDK (scripted fake peer)" cargo test -p tether-client --test '*' --quiet
+group "client SDK (fake peer), transports (TLS heap)" cargo test -p tether-client -p tether-transport --test '*' --quiet
 group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether-server --test '*' --quiet -- --test-threads=1
 # The lab's scenarios run in parallel (each in its own namespaces; they mostly wait on
 # timers), everything else of the tether crate serially.
