@@ -40,9 +40,12 @@ async fn an_idle_tls_session_holds_no_buffers_only_rustls_state() {
     let (cert, key) = tls::self_signed(&["127.0.0.1".into()], 1).unwrap();
     std::fs::write(dir.path().join("c.pem"), cert).unwrap();
     std::fs::write(dir.path().join("k.pem"), key).unwrap();
-    let server_cfg =
-        tls::server_config(&dir.path().join("c.pem"), &dir.path().join("k.pem"), &[tls::ALPN])
-            .unwrap();
+    let server_cfg = tls::server_config(
+        &dir.path().join("c.pem"),
+        &dir.path().join("k.pem"),
+        &[tls::ALPN],
+    )
+    .unwrap();
     let client_cfg = tls::client_config(Some(&dir.path().join("c.pem")), &[tls::ALPN]).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -52,7 +55,9 @@ async fn an_idle_tls_session_holds_no_buffers_only_rustls_state() {
     for _ in 0..N {
         let accept = async {
             let (tcp, _) = listener.accept().await.unwrap();
-            LeanTlsStream::accept(tcp, server_cfg.clone()).await.unwrap()
+            LeanTlsStream::accept(tcp, server_cfg.clone())
+                .await
+                .unwrap()
         };
         let host = addr.to_string();
         let connect = tls::connect_transport(client_cfg.clone(), &host, addr, 1 << 16);
@@ -74,12 +79,19 @@ async fn an_idle_tls_session_holds_no_buffers_only_rustls_state() {
     let without = LIVE.load(Ordering::Relaxed);
     let per_session = (with_servers - without) as usize / N;
     let inline = std::mem::size_of::<StreamTransport<LeanTlsStream>>();
-    eprintln!("server heap per idle TLS session: {per_session} B (+ {inline} B inline in its task)");
+    eprintln!(
+        "server heap per idle TLS session: {per_session} B (+ {inline} B inline in its task)"
+    );
     // What is left is rustls's per-connection state (traffic keys, key schedule):
     // no buffer. rustls's buffered connection alone keeps a 4 KiB read buffer, so a
     // regression to it fails here. (Measured 3,791 B heap + 1,264 B inline; DESIGN §8
     // asks ≤ 4 KiB for the whole TLS session, see BENCHMARKS.md.)
-    assert!(per_session <= 4096, "idle TLS session: {per_session} B of heap");
-    assert!(inline <= 1536, "the TLS stream takes {inline} B inline in its task");
+    assert!(
+        per_session <= 4096,
+        "idle TLS session: {per_session} B of heap"
+    );
+    assert!(
+        inline <= 1536,
+        "the TLS stream takes {inline} B inline in its task"
+    );
 }
-
