@@ -62,6 +62,9 @@ pub struct NetConnector {
     pub user_timeout: Option<Duration>,
     /// The CA certificate (PEM) servers are verified against; `None` = system roots.
     pub ca_file: Option<PathBuf>,
+    /// Local address TCP connections are bound to before connecting (a load generator
+    /// spreads many connections over 127.0.0.x this way); `None` = the kernel chooses.
+    pub source: Option<std::net::IpAddr>,
     /// TLS client configurations, built on first use: ALPN `tether/1`, and none (WSS).
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
     tls_http: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
@@ -194,6 +197,12 @@ impl NetConnector {
         self
     }
 
+    /// Binds TCP connections to `source` (any port) before connecting.
+    pub fn with_source(mut self, source: Option<std::net::IpAddr>) -> Self {
+        self.source = source;
+        self
+    }
+
     fn tls_config(&self, http: bool) -> io::Result<Arc<rustls::ClientConfig>> {
         let (cell, alpn): (_, &[&[u8]]) = if http {
             (&self.tls_http, &[])
@@ -244,7 +253,18 @@ impl NetConnector {
             .await?;
             return Ok(Box::new(t));
         }
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = match self.source {
+            None => TcpStream::connect(addr).await?,
+            Some(source) => {
+                let socket = if source.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(source, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         tcp.set_nodelay(true)?;
         let socket = socket2::SockRef::from(&tcp);
         if let Some(timeout) = self.user_timeout

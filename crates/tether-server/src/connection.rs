@@ -840,6 +840,7 @@ impl<T: Transport> Conn<T> {
         } else {
             0
         };
+        self.shared.metrics.heartbeats.inc();
         self.send(Frame::Pong(pb::Pong { interval_ms, head }))
     }
 

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub protocol_errors: Counter,
     /// Sessions closed because nothing arrived within their deadline.
     pub sessions_expired: Counter,
+    /// PINGs answered with a PONG on authenticated sessions (probes not included).
+    pub heartbeats: Counter,
     /// Logins refused by admission control (ERROR OVERLOADED).
     pub logins_throttled: Counter,
     /// Probe sessions admitted (side connections testing a heartbeat interval).
@@ -65,6 +67,7 @@ impl Default for Metrics {
             messages_delivered: Counter::default(),
             protocol_errors: Counter::default(),
             sessions_expired: Counter::default(),
+            heartbeats: Counter::default(),
             logins_throttled: Counter::default(),
             probe_sessions: Counter::default(),
             devices_evicted: Counter::default(),
@@ -146,6 +149,11 @@ impl Default for Metrics {
             "sessions_expired",
             "Sessions closed because nothing arrived within their liveness deadline",
             m.sessions_expired.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "PINGs answered with a PONG on authenticated sessions",
+            m.heartbeats.clone(),
         );
         registry.register(
             "commit_latency_seconds",

@@ -99,6 +99,16 @@ enum Which {
         #[arg(long, default_value = "relaxed", value_parser = ["relaxed", "fsync"])]
         durability: String,
     },
+    /// The load generator: many connections (real sockets from worker processes, or
+    /// in-memory sessions), heartbeats, 1:1 / group traffic, reconnect storms; a
+    /// Markdown and JSON report.
+    Load(crate::load::LoadArgs),
+    /// Hidden: one worker process of `bench load`.
+    #[command(hide = true)]
+    LoadWorker(crate::load::WorkerArgs),
+    /// MQTT (Mosquitto, rumqttd) or NATS servers under the same loads, for the
+    /// side-by-side table (scripts/side-by-side.sh).
+    Peer(crate::bench_peers::PeerArgs),
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -143,6 +153,9 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             body,
         } => fanout(&members, messages, senders, window, durability, body).await,
         Which::Memory { sessions } => memory(sessions).await,
+        Which::Load(args) => crate::load::run(args).await,
+        Which::LoadWorker(args) => crate::load::worker(args).await,
+        Which::Peer(args) => crate::bench_peers::run(args).await,
         Which::Transports {
             heartbeats,
             messages,
@@ -167,7 +180,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-type BenchResult = Result<serde_json::Value, String>;
+pub(crate) type BenchResult = Result<serde_json::Value, String>;
 
 fn codec(frames: u64) -> BenchResult {
     let samples: Vec<(&str, Frame)> = vec![
@@ -236,13 +249,13 @@ fn codec(frames: u64) -> BenchResult {
 /// another process (`--server` with its `--data`, to mint tokens), so the load generator
 /// does not share a runtime with the server.
 #[derive(Args, Clone)]
-struct Target {
+pub(crate) struct Target {
     /// Address of a running `tether serve` to load instead of an in-process server.
     #[arg(long, requires = "data")]
-    server: Option<std::net::SocketAddr>,
+    pub(crate) server: Option<std::net::SocketAddr>,
     /// That server's data directory (for its token secret).
     #[arg(long)]
-    data: Option<std::path::PathBuf>,
+    pub(crate) data: Option<std::path::PathBuf>,
 }
 
 /// The server under load, with a way to mint tokens.
@@ -357,7 +370,7 @@ fn send_frame(to: &str, id: u64, body: Bytes) -> Frame {
     })
 }
 
-async fn throughput(
+pub(crate) async fn throughput(
     messages: u64,
     window: usize,
     durability: Durability,
@@ -438,7 +451,7 @@ async fn throughput(
     }))
 }
 
-async fn latency(
+pub(crate) async fn latency(
     pairs: usize,
     rate: u64,
     seconds: u64,
@@ -752,6 +765,30 @@ pub(crate) fn rss_of(pid: &str) -> Result<u64, String> {
         .and_then(|p| p.parse().ok())
         .ok_or("bad /proc/self/statm")?;
     Ok(pages * 4096)
+}
+
+/// CPU time (user + system) process `pid` ("self" for this one) has used so far.
+pub(crate) fn cpu_of(pid: &str) -> Result<Duration, String> {
+    cpu_of_stat(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time (user + system) from a `/proc/.../stat` file (a process or one thread).
+pub(crate) fn cpu_of_stat(path: &str) -> Result<Duration, String> {
+    let stat = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("bad stat field {i}"))
+    };
+    // utime and stime are fields 14 and 15 of stat(5); here 11 and 12 after the name.
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(total * 1_000_000_000 / hz))
 }
 
 async fn memory(sessions: usize) -> BenchResult {

@@ -9,10 +9,12 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod bench_peers;
 mod bench_transports;
 mod chaos;
 mod client_cmds;
 mod lab;
+mod load;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
