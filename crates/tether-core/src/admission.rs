@@ -4,6 +4,13 @@
 //! takes one; when none is left the caller answers ERROR{OVERLOADED, retry_after_ms}
 //! with [`TokenBucket::try_take`]'s wait, which clients use as a floor for their
 //! backoff, so a reconnect storm is admitted at the configured rate.
+//!
+//! The waits form a queue: each refusal is given its own slot, `1/rate` after the one
+//! before, instead of all being told "one token from now". A herd of N refused clients
+//! is thus spread over `N/rate` and comes back about when there are tokens for it;
+//! telling everyone the same short wait brings the herd back at once, refuses most of
+//! it again, and leaves the rest to their growing backoff (seen: 300 clients at
+//! 150 logins/s took 11 s to be back instead of 2).
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +21,8 @@ pub struct TokenBucket {
     burst: f64,
     tokens: f64,
     last: Instant,
+    /// The slot the next refused caller is given (the end of the virtual queue).
+    queue_until: Instant,
 }
 
 impl TokenBucket {
@@ -30,6 +39,7 @@ impl TokenBucket {
             burst,
             tokens: burst,
             last: now,
+            queue_until: now,
         }
     }
 
@@ -46,7 +56,18 @@ impl TokenBucket {
             self.tokens -= 1.0;
             return Ok(());
         }
-        Err(Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX))
+        let next_token = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+            .unwrap_or(Duration::MAX);
+        let slot = now
+            .checked_add(next_token)
+            .unwrap_or(now)
+            .max(self.queue_until);
+        let spacing = Duration::try_from_secs_f64(1.0 / self.rate).unwrap_or(Duration::MAX);
+        self.queue_until = slot.checked_add(spacing).unwrap_or(slot);
+        if next_token == Duration::MAX {
+            return Err(Duration::MAX);
+        }
+        Err(slot - now)
     }
 
     /// Takes up to `want` tokens at `now`; returns how many it took (0 if none is left).
@@ -87,6 +108,35 @@ mod tests {
             assert!(b.try_take(t0).is_ok());
         }
         assert_eq!(b.try_take(t0), Err(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn refused_callers_are_given_slots_one_token_apart() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, 100.0, 10);
+        for _ in 0..10 {
+            b.try_take(t0).unwrap();
+        }
+        // 300 refused at once: waits 10 ms, 20 ms, … 3 s, so they come back at the rate.
+        let waits: Vec<Duration> = (0..300).map(|_| b.try_take(t0).unwrap_err()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let want = Duration::from_millis(10 * (i as u64 + 1));
+            assert!(w.abs_diff(want) < Duration::from_micros(10), "{i}: {w:?}");
+        }
+        // Each one that comes back in its slot finds a token.
+        let mut admitted = 0;
+        for w in &waits {
+            if b.try_take(t0 + *w).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 300);
+        // Once the queue has drained, a refusal waits for one token again.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..10 {
+            b.try_take(later).unwrap();
+        }
+        assert_eq!(b.try_take(later), Err(Duration::from_millis(10)));
     }
 
     #[test]
