@@ -1505,6 +1505,13 @@ impl Driver {
         self.backoff.on_disconnected(now());
         let retry_in = match ending.next {
             Next::Retry { floor } => {
+                if !floor.is_zero() {
+                    // A live server that names a wait (admission control's queue slot)
+                    // has scheduled this client: its wait replaces the growth of the
+                    // backoff, which would otherwise add seconds of jitter on top and
+                    // leave a tail of stragglers long after the server has room.
+                    self.backoff.reset();
+                }
                 let delay = self.backoff.next_delay(&mut self.rng).max(floor);
                 self.link = Link::Down {
                     retry_at: now() + delay,

@@ -1358,6 +1358,8 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
         pipes.push(client);
     }
     let pipes_bytes = rss_of("self")?.saturating_sub(before_pipes);
+    // The warm-up sessions end here; they are not pinged.
+    drop(warm);
 
     // Phase B: N sessions, one user each, logged in from the client runtime.
     bar.set_message("logging in");
@@ -1409,34 +1411,41 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let late = Arc::new(AtomicU64::new(0));
+    // Sessions are dealt round-robin to the slices, so each slice holds them in login
+    // order spread over the whole login phase, and its first round (spread like every
+    // round) reaches each one about as long after its login as the rounds are apart.
     let slices = 64usize;
-    let per = n.div_ceil(slices);
+    let mut dealt: Vec<Vec<_>> = (0..slices).map(|_| Vec::with_capacity(n / slices + 1)).collect();
+    for (i, t) in sessions.into_iter().enumerate() {
+        dealt[i % slices].push((t, true));
+    }
     let mut pingers = Vec::new();
-    let mut it = sessions.into_iter();
-    for _ in 0..slices {
-        let mut mine: Vec<_> = it.by_ref().take(per).collect();
+    for mut mine in dealt {
         if mine.is_empty() {
             break;
         }
         let (stop, errors, late) = (stop.clone(), errors.clone(), late.clone());
         pingers.push(cli.spawn(async move {
-            // Random phase so slices do not ping in step.
-            tokio::time::sleep(interval.mul_f64(rand::random::<f64>() / 4.0)).await;
+            // One PING per session per interval, spread evenly over 90 % of it, in the
+            // same order every round, so each session's PINGs are an interval apart.
             while !stop.load(Ordering::Relaxed) {
                 let round = Instant::now();
                 let step = interval.mul_f64(0.9) / mine.len().max(1) as u32;
                 let batch = 64;
                 for (b, group) in mine.chunks_mut(batch).enumerate() {
                     // Send a batch of PINGs, then collect their PONGs.
-                    for t in group.iter_mut() {
-                        if t.send(&Frame::Ping(pb::Ping::default())).is_err()
-                            || flush(t).await.is_err()
+                    for (t, alive) in group.iter_mut() {
+                        if *alive
+                            && (t.send(&Frame::Ping(pb::Ping::default())).is_err()
+                                || flush(t).await.is_err())
                         {
+                            *alive = false;
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    for t in group.iter_mut() {
-                        if pong(t).await.is_err() {
+                    for (t, alive) in group.iter_mut() {
+                        if *alive && pong(t).await.is_err() {
+                            *alive = false;
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -1480,7 +1489,7 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
     let mut held = Vec::new();
     for p in pingers {
         if let Ok(s) = p.await {
-            held.extend(s);
+            held.extend(s.into_iter().map(|(t, _)| t));
         }
     }
     drop(pipes);
@@ -1507,7 +1516,7 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
         "client_cpu_s": (cli_cpu.as_secs_f64() * 1000.0).round() / 1000.0,
         "server_cpu_us_per_ping": (cpu.as_secs_f64() * 1e6 / beats.max(1) as f64 * 100.0).round() / 100.0,
         "deadlines_expired": expired,
-        "client": {"errors": errors.load(Ordering::Relaxed), "late_rounds": late.load(Ordering::Relaxed)},
+        "client": {"sessions_lost": errors.load(Ordering::Relaxed), "late_rounds": late.load(Ordering::Relaxed)},
         "method": "one process; server CPU = process utime+stime minus the client runtime's threads (load-cli); server bytes = RSS delta over N logged-in sessions minus the RSS delta of N bare pipes with their client ends",
     }))
 }
