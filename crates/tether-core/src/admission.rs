@@ -56,8 +56,8 @@ impl TokenBucket {
             self.tokens -= 1.0;
             return Ok(());
         }
-        let next_token = Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
-            .unwrap_or(Duration::MAX);
+        let next_token =
+            Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX);
         let slot = now
             .checked_add(next_token)
             .unwrap_or(now)

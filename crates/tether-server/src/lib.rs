@@ -226,9 +226,9 @@ impl Server {
     pub async fn bind(&self) -> Result<RunningServer, ServerError> {
         let cfg = &self.shared.config;
         let listener = bind_listener(cfg.listen).map_err(|source| ServerError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+            addr: cfg.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind {
             addr: cfg.listen,
             source,
@@ -270,8 +270,8 @@ impl Server {
         };
         let tls_addr = match (cfg.tls_listen, &tls) {
             (Some(at), Some(tls)) => {
-                let listener = bind_listener(at)
-                    .map_err(|source| ServerError::Bind { addr: at, source })?;
+                let listener =
+                    bind_listener(at).map_err(|source| ServerError::Bind { addr: at, source })?;
                 let local = listener
                     .local_addr()
                     .map_err(|source| ServerError::Bind { addr: at, source })?;

@@ -1415,7 +1415,9 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
     // order spread over the whole login phase, and its first round (spread like every
     // round) reaches each one about as long after its login as the rounds are apart.
     let slices = 64usize;
-    let mut dealt: Vec<Vec<_>> = (0..slices).map(|_| Vec::with_capacity(n / slices + 1)).collect();
+    let mut dealt: Vec<Vec<_>> = (0..slices)
+        .map(|_| Vec::with_capacity(n / slices + 1))
+        .collect();
     for (i, t) in sessions.into_iter().enumerate() {
         dealt[i % slices].push((t, true));
     }
@@ -1474,7 +1476,7 @@ async fn memory_idle(args: &LoadArgs) -> BenchResult {
             metrics.sessions_expired.get() - expired0,
             errors.load(Ordering::Relaxed)
         ));
-        if window_start.elapsed().as_secs() % 60 == 0 {
+        if window_start.elapsed().as_secs().is_multiple_of(60) {
             rss_samples.push(rss_of("self")?);
         }
     }

@@ -19,9 +19,15 @@ fn load(args: &[&str]) -> Value {
         .output()
         .expect("run tether bench load");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench load {args:?} failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "bench load {args:?} failed:\n{stderr}"
+    );
     // The Markdown report goes to stderr, the JSON to stdout and the file.
-    assert!(stderr.contains("| what | value |"), "no Markdown report:\n{stderr}");
+    assert!(
+        stderr.contains("| what | value |"),
+        "no Markdown report:\n{stderr}"
+    );
     let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let written: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(printed, written);
@@ -63,7 +69,10 @@ fn idle_tcp_connections_heartbeat_without_expiring_and_the_server_is_measured() 
     assert_eq!(u(&r["client"]["errors"]), 0, "{r}");
     // What the clients saw matches the server's count (within a round in flight).
     let pongs = u(&r["client"]["pongs"]);
-    assert!(pongs + n >= pings && pongs <= pings + n, "{pongs} vs {pings}");
+    assert!(
+        pongs + n >= pings && pongs <= pings + n,
+        "{pongs} vs {pings}"
+    );
     assert!(u(&r["ping_rtt_us"]["count"]) > 0, "{r}");
     assert!(r["server_cpu_us_per_ping"].as_f64().unwrap() > 0.0, "{r}");
     assert!(u(&r["server_rss_connected_bytes"]) > u(&r["server_rss_before_bytes"]));
@@ -102,8 +111,14 @@ fn chat_across_a_server_sigkill_loses_and_repeats_nothing_within_the_admission_l
         "all back {back} s after the kill (restart took {restarted} s)"
     );
     let max_rate = storm["max_logins_per_s"].as_f64().unwrap();
-    assert!(max_rate <= 200.0 * 1.1, "{max_rate} logins/s through a 150/s + 50 bucket");
-    assert!(u(&storm["logins_throttled"]) > 0, "admission never pushed back: {storm}");
+    assert!(
+        max_rate <= 200.0 * 1.1,
+        "{max_rate} logins/s through a 150/s + 50 bucket"
+    );
+    assert!(
+        u(&storm["logins_throttled"]) > 0,
+        "admission never pushed back: {storm}"
+    );
     let c = &r["client"];
     assert!(u(&c["acked"]) >= 500, "too little traffic to tell: {c}");
     assert_eq!(u(&c["lost"]), 0, "{c}");
@@ -145,12 +160,18 @@ fn in_memory_sessions_are_held_and_heartbeat_in_one_process() {
         "8",
     ]);
     let pings = u(&r["pings_answered"]);
-    assert!((5000..=15_000).contains(&pings), "{pings} PINGs in 8 s at 5 s");
+    assert!(
+        (5000..=15_000).contains(&pings),
+        "{pings} PINGs in 8 s at 5 s"
+    );
     assert_eq!(u(&r["deadlines_expired"]), 0, "{r}");
     assert_eq!(u(&r["registered_at_end"]), 5000, "{r}");
     assert_eq!(u(&r["client"]["sessions_lost"]), 0, "{r}");
     let bytes = r["server_bytes_per_connection"].as_f64().unwrap();
-    assert!(bytes > 0.0 && bytes < 64.0 * 1024.0, "{bytes} B per session");
+    assert!(
+        bytes > 0.0 && bytes < 64.0 * 1024.0,
+        "{bytes} B per session"
+    );
 
     let flood = load(&[
         "--transport",
@@ -169,7 +190,14 @@ fn in_memory_sessions_are_held_and_heartbeat_in_one_process() {
 #[test]
 fn bad_arguments_are_refused_with_a_reason() {
     let out = common::tether()
-        .args(["bench", "load", "--transport", "memory", "--pattern", "chat"])
+        .args([
+            "bench",
+            "load",
+            "--transport",
+            "memory",
+            "--pattern",
+            "chat",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
