@@ -189,7 +189,13 @@ fail() {
 # JSON; MODE "file": it writes JSON itself. Failure never stops the script.
 run_load() {
   local id=$1 json=$2 mode=$3; shift 3
-  local load
+  local load waited=0
+  # Let the machine settle (the last run's processes, or whatever ran before this
+  # script): wait up to 90 s for a 1-minute load average below 1.
+  while awk '{exit !($1 >= 1.0)}' /proc/loadavg && [ "$waited" -lt 90 ]; do
+    sleep 5
+    waited=$((waited + 5))
+  done
   load="$(date -u +%FT%TZ) load $(uptime | sed 's/.*load average: //')"
   echo "$load" >"$OUT/$id.load"
   echo "== $id ($load)"
@@ -244,21 +250,6 @@ if [ ! -x "$TETHER" ]; then
   exit 1
 fi
 
-if wanted tether; then
-  run_load tether-idle "$OUT/tether-idle.json" file "$TETHER" bench load --transport tcp \
-    --connections "$CONNS" --heartbeat "$KEEPALIVE" --duration "$WINDOW" --json "$OUT/tether-idle.json"
-  for durability in fsync relaxed; do
-    run_load "tether-$durability-latency" "$OUT/tether-$durability-latency.json" file \
-      "$TETHER" bench load --pattern pairs --pairs "$PAIRS" --rate "$RATE" \
-      --duration "$SECONDS_LAT" --durability "$durability" \
-      --json "$OUT/tether-$durability-latency.json"
-    run_load "tether-$durability-throughput" "$OUT/tether-$durability-throughput.json" file \
-      "$TETHER" bench load --pattern one-pair --messages "$MESSAGES" --durability "$durability" \
-      --json "$OUT/tether-$durability-throughput.json"
-  done
-  printf 'Tether, fsync\ttether-idle\ttether-fsync-latency\ttether-fsync-throughput\n' >>"$OUT/rows.tsv"
-  printf 'Tether, relaxed\ttether-idle\ttether-relaxed-latency\ttether-relaxed-throughput\n' >>"$OUT/rows.tsv"
-fi
 
 if wanted mosquitto; then
   peer_runs mosquitto mqtt "$MOSQUITTO_PORT" "$MOSQUITTO" -c "$CONF/mosquitto.conf"
@@ -282,6 +273,22 @@ if wanted nats; then
   peer_runs nats nats "$NATS_PORT" "$NATS_SERVER" -c "$CONF/nats.conf" -a 127.0.0.1 -p "$NATS_PORT"
   printf 'NATS %s, core (at most once)\tnats-idle\tnats-latency\tnats-throughput\n' \
     "$(version_of "$NATS_SERVER" --version)" >>"$OUT/rows.tsv"
+fi
+
+if wanted tether; then
+  run_load tether-idle "$OUT/tether-idle.json" file "$TETHER" bench load --transport tcp \
+    --connections "$CONNS" --heartbeat "$KEEPALIVE" --duration "$WINDOW" --json "$OUT/tether-idle.json"
+  for durability in fsync relaxed; do
+    run_load "tether-$durability-latency" "$OUT/tether-$durability-latency.json" file \
+      "$TETHER" bench load --pattern pairs --pairs "$PAIRS" --rate "$RATE" \
+      --duration "$SECONDS_LAT" --durability "$durability" \
+      --json "$OUT/tether-$durability-latency.json"
+    run_load "tether-$durability-throughput" "$OUT/tether-$durability-throughput.json" file \
+      "$TETHER" bench load --pattern one-pair --messages "$MESSAGES" --durability "$durability" \
+      --json "$OUT/tether-$durability-throughput.json"
+  done
+  printf 'Tether, fsync\ttether-idle\ttether-fsync-latency\ttether-fsync-throughput\n' >>"$OUT/rows.tsv"
+  printf 'Tether, relaxed\ttether-idle\ttether-relaxed-latency\ttether-relaxed-throughput\n' >>"$OUT/rows.tsv"
 fi
 
 # --- the table ------------------------------------------------------------------------
