@@ -272,6 +272,12 @@ impl NetConnector {
         {
             tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
         }
+        // Linear retransmission timeouts for a thin stream: a PING sent into a short
+        // outage is retried within an RTO of the link's return, not seconds later
+        // after exponential backoff (see the server's `tune_accepted`).
+        if let Err(e) = socket.set_tcp_thin_linear_timeouts(true) {
+            tracing::debug!(error = %e, "could not set TCP_THIN_LINEAR_TIMEOUTS");
+        }
         if let Some(idle) = keepalive_idle {
             let keepalive = socket2::TcpKeepalive::new()
                 .with_time(idle)

@@ -36,7 +36,7 @@ pub(crate) async fn tls_accept_loop(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                crate::set_user_timeout(&shared, &stream);
+                crate::tune_accepted(&stream, shared.config.tcp_user_timeout);
                 let config = config.clone();
                 let shared = shared.clone();
                 tokio::spawn(async move {
