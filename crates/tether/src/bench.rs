@@ -548,6 +548,7 @@ pub(crate) async fn latency(
         .lines()
         .filter(|l| {
             l.starts_with("tether_commit_duration_seconds_bucket")
+                || l.starts_with("tether_commit_latency_seconds_bucket")
                 || l.starts_with("tether_commit_batch_messages_count")
         })
         .map(str::to_string)
