@@ -154,10 +154,10 @@ struct ServeArgs {
     tcp_user_timeout_ms: u64,
     /// Logins admitted per second; beyond it clients get ERROR OVERLOADED with
     /// retry_after_ms.
-    #[arg(long, default_value_t = 2000.0)]
+    #[arg(long, default_value_t = 4000.0)]
     login_rate: f64,
     /// Logins admitted at once before the rate applies.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 2000)]
     login_burst: u32,
     /// On SIGTERM, clients are told (GOAWAY) to reconnect after a random delay within
     /// this many ms, so a restart does not bring them all back at once.
