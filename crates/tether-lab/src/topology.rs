@@ -192,10 +192,14 @@ table ip nat {{
 /// the table, so one `nft -f` transaction replaces the old setting atomically.
 pub(crate) fn impairment_ruleset(tag: &str, i: usize, loss_percent: u8, blackhole: bool) -> String {
     let mut text = "table netdev impair\ndelete table netdev impair\n".to_owned();
+    // IP only: ARP still passes, as it would on the first hop of a path that loses
+    // packets further on. Dropping ARP too let the client's neighbour entry for its
+    // router fail during a blackhole, and the next connect got EHOSTUNREACH at once
+    // (an error no real path blackhole gives).
     let rule = if blackhole {
-        "counter drop".to_owned()
+        "meta protocol { ip, ip6 } counter drop".to_owned()
     } else if loss_percent > 0 {
-        format!("numgen random mod 100 < {loss_percent} counter drop")
+        format!("meta protocol {{ ip, ip6 }} numgen random mod 100 < {loss_percent} counter drop")
     } else {
         return text;
     };
