@@ -407,9 +407,14 @@ async fn bad_input_closes_only_what_it_must(t: T) {
     };
     assert_eq!(code, (pb::ErrorCode::BadRequest, false), "{t:?}");
     alice.ping().await;
+    // The server refuses at the header and closes: writing the rest of the body may
+    // meet its reset (EPIPE), which is not the outcome under test. The ERROR frame sits
+    // in our receive queue before that reset, so it is still read below.
     alice
-        .send(send_frame("bob", 2, &vec![b'x'; 70 * 1024]))
-        .await;
+        .t
+        .send(&send_frame("bob", 2, &vec![b'x'; 70 * 1024]))
+        .expect("queue");
+    let _ = flush(&mut alice.t).await;
     let frames = alice.until_closed().await;
     assert!(
         frames
