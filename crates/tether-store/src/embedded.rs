@@ -1,22 +1,28 @@
-//! The embedded [`Store`]: one redb file in one directory, no server to install.
+//! The embedded [`Store`]: a journal and one redb file in one directory, no server to
+//! install.
 //!
-//! Every [`Store::append`] is one redb write transaction committed with
-//! `redb::Durability::Immediate`, i.e. one `sync_data` on the storage backend after all the
-//! batch's pages are written (group commit: one fdatasync per batch, not per message).
-//! Durability is decided *below* redb, in the backend: [`Durability::Fsync`] lets that
-//! `sync_data` through to `fdatasync`; [`Durability::Relaxed`] wraps the backend in
-//! `NoSync`, so commits still reach the kernel with write(2) (they survive a process
-//! crash) but never wait for the disk. One mechanism serves the real file and the
-//! simulated disk of the power-cut tests.
+//! A commit never waits for the B-tree. [`Store::append`] computes the batch's rows
+//! over the in-memory layers ([`layers`]), appends the batch to the [`journal`] with one
+//! write and (in [`Durability::Fsync`]) one fdatasync — group commit: one per batch, not
+//! per message — and only then lays the rows over the live layer, where readers see
+//! them. About once a second (or when the live layer grows large) the live layer is
+//! frozen and a checkpoint thread writes it into redb in one durable transaction, which
+//! also records the journal generation it covers. At open, batches of later generations
+//! are replayed through the same deterministic writer. [`Durability::Relaxed`] writes
+//! the journal and the checkpoints with write(2) and never waits for the disk: they
+//! survive a process crash, not a power cut.
+//!
+//! Durability is decided *below* redb and the journal, in the storage backend, so one
+//! mechanism serves the real files, the simulated disk of the power-cut tests and the
+//! power-loss file of chaos runs.
 //!
 //! Tables (redb typed keys; tuples compare element by element, so one inbox's entries
 //! are contiguous and ordered by seq). Users get a numeric id on first use, so the hot
-//! tables have fixed-size keys that compare without UTF-8 checks (measured: a third of
-//! the commit thread's time went to comparing string keys):
+//! tables have fixed-size keys that compare without UTF-8 checks:
 //!
 //! | table     | key                                             | value                                     |
 //! |-----------|-------------------------------------------------|-------------------------------------------|
-//! | `meta`    | `&str`: `"epoch"`, `"next_message_id"`, `"next_uid"` | `u64`                                |
+//! | `meta`    | `&str`: `"epoch"`, `"next_message_id"`, `"next_uid"`, `"journal_generation"` | `u64` |
 //! | `users`   | user                                            | uid                                       |
 //! | `heads`   | uid                                             | `(head, low)`: last seq, lowest retained  |
 //! | `inbox`   | `(uid, seq)`                                    | protobuf `tether.v1.Entry` (seq included) |
@@ -31,14 +37,19 @@
 //!
 //! What a batch writes is in [`write`]; the receipt and group rules are documented there.
 
+mod journal;
+mod layers;
 mod write;
 
 pub use write::{DELIVERED_SCAN, GROUP_CONTENT_TYPE, RECEIPT_CONTENT_TYPE};
 
 use crate::{
     AppendOutcome, AppendRequest, CompactPolicy, CompactStats, DeviceCursor, Durability, EntryKind,
-    InboxInfo, Store, StoreError, StoredEntry,
+    InboxInfo, SimulatedDisk, Store, StoreError, StoredEntry,
 };
+use journal::Journal;
+use layers::{Base, CursorValue, Delta, View};
+use parking_lot::{Condvar, Mutex, RwLock};
 use prost::Message;
 use rand::Rng;
 use redb::{BackendError, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
@@ -48,6 +59,9 @@ use std::io;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tether_proto::pb;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -57,8 +71,7 @@ const INBOX: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("inbox");
 /// `(sender uid, fnv1a(sender_device), client_msg_id)`.
 type DedupKey = (u64, u64, &'static [u8; 16]);
 /// `(message_id, sender_seq, ts_ms)`: the original ack.
-type DedupValue = (u64, u64, u64);
-const DEDUP: TableDefinition<DedupKey, DedupValue> = TableDefinition::new("dedup");
+const DEDUP: TableDefinition<DedupKey, layers::DedupValue> = TableDefinition::new("dedup");
 const CURSORS: TableDefinition<(&str, &str), (u64, u64, u64)> = TableDefinition::new("cursors");
 /// `(last_seq, last_ts, last_message_id, incoming, read_seq, read_incoming)`.
 type ConvValue = (u64, u64, u64, u64, u64, u64);
@@ -74,47 +87,112 @@ const DELIVERED: TableDefinition<u64, u64> = TableDefinition::new("delivered");
 const EPOCH_KEY: &str = "epoch";
 const NEXT_MESSAGE_ID_KEY: &str = "next_message_id";
 const NEXT_UID_KEY: &str = "next_uid";
+/// The last journal generation the database holds.
+const JOURNAL_GENERATION_KEY: &str = "journal_generation";
 
 /// File in the data directory whose advisory lock keeps a second process out.
 const LOCK_FILE: &str = "LOCK";
 /// The redb database file in the data directory.
 const DB_FILE: &str = "inbox.redb";
+/// The journal's two files in the data directory.
+const JOURNAL_FILES: [&str; 2] = ["journal.0", "journal.1"];
 
 /// Epochs stay below 2^53 so they survive a trip through JSON numbers.
 const EPOCH_LIMIT: u64 = 1 << 53;
 
-/// The embedded store: inboxes, dedup keys and cursors in one redb database.
-#[derive(Debug)]
+/// A checkpoint is due this long after the last one began...
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// ...or once the live layer holds this many rows.
+pub const CHECKPOINT_ROWS: usize = 65_536;
+/// While a checkpoint runs, commits go on until the live layer holds this many times
+/// [`CHECKPOINT_ROWS`]; then they wait for it (memory stays bounded if the disk is slow).
+const CHECKPOINT_BACKLOG: usize = 8;
+
+type Backend = Box<dyn StorageBackend>;
+
+/// The embedded store: a journal, in-memory layers, and one redb database.
 pub struct EmbeddedStore {
-    db: redb::Database,
+    db: Arc<redb::Database>,
     epoch: u64,
     durability: Durability,
-    /// user → uid, filled from the `users` table as users are met.
-    uids: parking_lot::RwLock<HashMap<String, u64>>,
+    /// user → uid, for users whose first batch is committed.
+    uids: RwLock<HashMap<String, u64>>,
+    layers: Arc<RwLock<Layers>>,
+    /// The single writer: journal and counters. Every mutation holds it.
+    writer: Mutex<WriterState>,
+    checkpoints: Arc<Checkpoints>,
+    checkpointer: Option<JoinHandle<()>>,
     /// Held (locked) for as long as the store is open; dropped after `db`.
     _dir_lock: Option<File>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("epoch", &self.epoch)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What readers see over the database.
+#[derive(Default)]
+struct Layers {
+    /// Committed since the last freeze.
+    live: Delta,
+    /// Frozen, being written by the checkpoint thread.
+    frozen: Option<Arc<Delta>>,
+}
+
+struct WriterState {
+    journal: Journal,
+    /// `(next_message_id, next_uid)`.
+    counters: (u64, u64),
+    /// Set when the journal or a checkpoint failed: nothing more is committed, since
+    /// what is on disk may no longer match memory. Reopening recovers.
+    failed: Option<String>,
+    last_freeze: Instant,
+    interval: Duration,
+    rows: usize,
+}
+
+/// Hands frozen layers to the checkpoint thread.
+#[derive(Default)]
+struct Checkpoints {
+    state: Mutex<CheckpointState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct CheckpointState {
+    /// A frozen layer and its generation, waiting for the thread.
+    queued: Option<(Arc<Delta>, u64)>,
+    /// A checkpoint is queued or running.
+    busy: bool,
+    failed: Option<String>,
+    stop: bool,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, holding `dir/LOCK` exclusively while open.
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
-        Self::open_dir(dir, durability, |file| Ok(FileBackend { file }))
+        Self::open_dir(dir, durability, |file, _| Ok(FileBackend { file }))
     }
 
-    /// Like [`EmbeddedStore::open`], but the data file's unsynced writes live in process
+    /// Like [`EmbeddedStore::open`], but the files' unsynced writes live in process
     /// memory until fdatasync (a random `writeback` share goes through early), so
     /// killing the process is a power cut: see [`PowerLossFile`](crate::PowerLossFile).
     /// For chaos runs and tests only.
     pub fn open_power_loss(dir: &Path, seed: u64, writeback: f64) -> Result<Self, StoreError> {
-        Self::open_dir(dir, Durability::Fsync, |file| {
-            crate::PowerLossFile::new(file, seed, writeback)
+        Self::open_dir(dir, Durability::Fsync, |file, index| {
+            crate::PowerLossFile::new(file, seed.wrapping_add(index), writeback)
         })
     }
 
     fn open_dir<B: StorageBackend>(
         dir: &Path,
         durability: Durability,
-        backend: impl FnOnce(File) -> io::Result<B>,
+        backend: impl Fn(File, u64) -> io::Result<B>,
     ) -> Result<Self, StoreError> {
         let dir_created = !dir.exists();
         fs::create_dir_all(dir)?;
@@ -131,18 +209,26 @@ impl EmbeddedStore {
             }
             Err(TryLockError::Error(e)) => return Err(e.into()),
         }
-        let path = dir.join(DB_FILE);
-        let file_created = !path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let store = Self::with_backend(backend(file)?, durability, Some(lock))?;
+        let mut created = false;
+        let mut open = |name: &str| -> io::Result<File> {
+            let path = dir.join(name);
+            created |= !path.exists();
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        };
+        let db_file = open(DB_FILE)?;
+        let journal: [Backend; 2] = [
+            Box::new(backend(open(JOURNAL_FILES[0])?, 1)?),
+            Box::new(backend(open(JOURNAL_FILES[1])?, 2)?),
+        ];
+        let store = Self::with_backends(backend(db_file, 0)?, journal, durability, Some(lock))?;
         if durability == Durability::Fsync {
             // The new directory entries must survive a power cut, or the data would not.
-            if file_created {
+            if created {
                 sync_dir(dir)?;
             }
             if dir_created {
@@ -156,17 +242,19 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    /// Opens (or creates) the store on any redb storage backend, e.g. a
-    /// [`SimulatedDisk`](crate::SimulatedDisk). The caller ensures exclusive access.
+    /// Opens (or creates) the store on a [`SimulatedDisk`]: the database is its file 0,
+    /// the journal its files 1 and 2. The caller ensures exclusive access.
     pub fn open_with_backend(
-        backend: impl StorageBackend,
+        disk: SimulatedDisk,
         durability: Durability,
     ) -> Result<Self, StoreError> {
-        Self::with_backend(backend, durability, None)
+        let journal: [Backend; 2] = [Box::new(disk.file(1)), Box::new(disk.file(2))];
+        Self::with_backends(disk.file(0), journal, durability, None)
     }
 
-    fn with_backend(
+    pub(crate) fn with_backends(
         backend: impl StorageBackend,
+        journal: [Backend; 2],
         durability: Durability,
         dir_lock: Option<File>,
     ) -> Result<Self, StoreError> {
@@ -178,19 +266,100 @@ impl EmbeddedStore {
                 "repairing inbox store after an unclean shutdown"
             );
         });
+        // The journal syncs only in `Fsync` (see `Store::append`).
         let db = match durability {
             Durability::Fsync => builder.create_with_backend(backend)?,
             Durability::Relaxed => builder.create_with_backend(NoSync(backend))?,
         };
-        let epoch = init_tables(&db)?;
-        tracing::debug!(epoch, %durability, "inbox store open");
-        Ok(Self {
+        let db = Arc::new(db);
+        let opened = init_tables(&db)?;
+        // Batches of generations after the checkpointed one are replayed; the journal
+        // goes on with the last of them (or the next one), which the checkpoint after
+        // the replay closes.
+        let mut found = Vec::new();
+        for file in &journal {
+            if let Some((generation, batches)) = journal::read_file(file.as_ref())?
+                && generation > opened.generation
+            {
+                found.push((generation, batches));
+            }
+        }
+        found.sort_by_key(|(generation, _)| *generation);
+        let start = found
+            .last()
+            .map_or(opened.generation + 1, |(generation, _)| *generation);
+        let layers: Arc<RwLock<Layers>> = Default::default();
+        let checkpoints: Arc<Checkpoints> = Default::default();
+        let checkpointer = {
+            let (db, layers, checkpoints) = (db.clone(), layers.clone(), checkpoints.clone());
+            std::thread::Builder::new()
+                .name("tether-checkpoint".into())
+                .spawn(move || run_checkpoints(&db, &layers, &checkpoints))?
+        };
+        let mut store = Self {
             db,
-            epoch,
+            epoch: opened.epoch,
             durability,
             uids: Default::default(),
+            layers,
+            writer: Mutex::new(WriterState {
+                journal: Journal::new(journal, start)?,
+                counters: opened.counters,
+                failed: None,
+                last_freeze: Instant::now(),
+                interval: CHECKPOINT_INTERVAL,
+                rows: CHECKPOINT_ROWS,
+            }),
+            checkpoints,
+            checkpointer: None,
             _dir_lock: dir_lock,
-        })
+        };
+        store.checkpointer = Some(checkpointer);
+        if !found.is_empty() {
+            store.replay(found)?;
+        }
+        tracing::debug!(epoch = store.epoch, %durability, "inbox store open");
+        Ok(store)
+    }
+
+    /// Re-applies journaled batches, oldest first, and checkpoints the result.
+    fn replay(&self, generations: Vec<(u64, Vec<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut writer = self.writer.lock();
+        let mut batches = 0;
+        for (generation, payloads) in generations {
+            for payload in payloads {
+                let batch = journal::decode_batch(&payload)?;
+                let (_, delta, assigned) = self.apply(&batch, writer.counters)?;
+                self.publish(&mut writer, delta, assigned);
+                batches += 1;
+            }
+            tracing::info!(generation, batches, "replayed the journal");
+        }
+        self.checkpoint_now(&mut writer)
+    }
+
+    /// Stops the checkpoint thread and leaves everything else as a dying process would:
+    /// nothing is synced or closed. The files stay locked. For crash tests.
+    #[doc(hidden)]
+    pub fn abandon(mut self) {
+        self.stop_checkpoints();
+        std::mem::forget(self);
+    }
+
+    fn stop_checkpoints(&mut self) {
+        self.checkpoints.state.lock().stop = true;
+        self.checkpoints.changed.notify_all();
+        if let Some(thread) = self.checkpointer.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Sets when checkpoints are due: `interval` after the last one, or at `rows` rows in
+    /// memory. Small values make the power-cut tests cut inside checkpoints too.
+    pub fn set_checkpoint_policy(&self, interval: Duration, rows: usize) {
+        let mut writer = self.writer.lock();
+        writer.interval = interval;
+        writer.rows = rows.max(1);
     }
 
     /// The uid of `user`, if the user has ever had an inbox.
@@ -198,12 +367,113 @@ impl EmbeddedStore {
         if let Some(uid) = self.uids.read().get(user) {
             return Ok(Some(*uid));
         }
-        let txn = self.db.begin_read()?;
-        let uid = txn.open_table(USERS)?.get(user)?.map(|g| g.value());
+        let uid = self.read(|view| view.user(None, user))?;
         if let Some(uid) = uid {
             self.uids.write().insert(user.to_owned(), uid);
         }
         Ok(uid)
+    }
+
+    /// Runs `f` over the current layers and a read transaction of the database. The
+    /// transaction begins under the layers' lock: a frozen layer is dropped only after
+    /// its checkpoint committed, so a reader sees it either in memory or in the database.
+    fn read<T>(&self, f: impl FnOnce(&View) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let layers = self.layers.read();
+        let base = Base::new(self.db.begin_read()?);
+        let view = View {
+            live: &layers.live,
+            frozen: layers.frozen.as_deref(),
+            base: &base,
+        };
+        f(&view)
+    }
+
+    /// Computes what `batch` writes over the current state; writes nothing.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &self,
+        batch: &[AppendRequest],
+        counters: (u64, u64),
+    ) -> Result<(Vec<AppendOutcome>, Delta, Vec<(String, u64)>), StoreError> {
+        let cached = self.uids.read();
+        self.read(|view| {
+            let mut writer = write::Writer::new(view, &cached, counters);
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for (index, req) in batch.iter().enumerate() {
+                outcomes.push(writer.apply(index, req)?);
+            }
+            writer.aggregate_deferred(batch, &mut outcomes)?;
+            let (delta, assigned) = writer.finish();
+            Ok((outcomes, delta, assigned))
+        })
+    }
+
+    /// Lays a durable batch's rows over the live layer.
+    fn publish(&self, writer: &mut WriterState, delta: Delta, assigned: Vec<(String, u64)>) {
+        if let Some(counters) = delta.counters {
+            writer.counters = counters;
+        }
+        self.layers.write().live.merge(delta);
+        if !assigned.is_empty() {
+            self.uids.write().extend(assigned);
+        }
+    }
+
+    /// Freezes the live layer for a checkpoint; the journal moves to the next generation.
+    fn freeze(&self, writer: &mut WriterState) -> (Arc<Delta>, u64) {
+        let mut layers = self.layers.write();
+        let delta = Arc::new(std::mem::take(&mut layers.live));
+        layers.frozen = Some(delta.clone());
+        let generation = writer.journal.generation();
+        writer.journal.next_generation();
+        writer.last_freeze = Instant::now();
+        (delta, generation)
+    }
+
+    /// Hands the live layer to the checkpoint thread if a checkpoint is due.
+    fn maybe_checkpoint(&self, writer: &mut WriterState) {
+        let rows = self.layers.read().live.rows();
+        let due =
+            rows >= writer.rows || (rows > 0 && writer.last_freeze.elapsed() >= writer.interval);
+        if !due {
+            return;
+        }
+        let mut state = self.checkpoints.state.lock();
+        if state.busy && rows < writer.rows.saturating_mul(CHECKPOINT_BACKLOG) {
+            return;
+        }
+        while state.busy {
+            self.checkpoints.changed.wait(&mut state);
+        }
+        if let Some(reason) = &state.failed {
+            writer.failed = Some(reason.clone());
+            return;
+        }
+        state.queued = Some(self.freeze(writer));
+        state.busy = true;
+        self.checkpoints.changed.notify_all();
+    }
+
+    /// Writes everything in memory into the database, on this thread.
+    fn checkpoint_now(&self, writer: &mut WriterState) -> Result<(), StoreError> {
+        {
+            let mut state = self.checkpoints.state.lock();
+            while state.busy {
+                self.checkpoints.changed.wait(&mut state);
+            }
+            if let Some(reason) = &state.failed {
+                return Err(StoreError::Engine(format!(
+                    "an earlier checkpoint failed: {reason}"
+                )));
+            }
+        }
+        let (delta, generation) = self.freeze(writer);
+        if let Err(e) = checkpoint(&self.db, &delta, generation) {
+            writer.failed = Some(e.to_string());
+            return Err(e);
+        }
+        self.layers.write().frozen = None;
+        Ok(())
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
@@ -213,16 +483,82 @@ impl EmbeddedStore {
     }
 }
 
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // What is not checkpointed is in the journal: the next open replays it.
+        self.stop_checkpoints();
+    }
+}
+
+/// Writes `delta` into the database in one durable transaction, with the journal
+/// generation it completes.
+fn checkpoint(db: &redb::Database, delta: &Delta, generation: u64) -> Result<(), StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(redb::Durability::Immediate)?;
+    delta.write_to(&txn)?;
+    txn.open_table(META)?
+        .insert(JOURNAL_GENERATION_KEY, generation)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// The checkpoint thread: writes each frozen layer, then lets readers forget it.
+fn run_checkpoints(db: &redb::Database, layers: &RwLock<Layers>, checkpoints: &Checkpoints) {
+    loop {
+        let (delta, generation) = {
+            let mut state = checkpoints.state.lock();
+            loop {
+                if let Some(job) = state.queued.take() {
+                    break job;
+                }
+                if state.stop {
+                    return;
+                }
+                checkpoints.changed.wait(&mut state);
+            }
+        };
+        let started = Instant::now();
+        let result = checkpoint(db, &delta, generation);
+        if result.is_ok() {
+            layers.write().frozen = None;
+        }
+        let mut state = checkpoints.state.lock();
+        match result {
+            Ok(()) => tracing::debug!(
+                generation,
+                rows = delta.rows(),
+                took = ?started.elapsed(),
+                "checkpoint written"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, generation, "checkpoint failed; the store stops committing");
+                state.failed = Some(e.to_string());
+            }
+        }
+        state.busy = false;
+        checkpoints.changed.notify_all();
+    }
+}
+
 /// Makes the entries of directory `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)?.sync_all()?;
     Ok(())
 }
 
-/// Creates the tables if missing and returns the store epoch, choosing it on first open.
-fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
+/// What the database holds about itself.
+struct Opened {
+    epoch: u64,
+    /// `(next_message_id, next_uid)`.
+    counters: (u64, u64),
+    /// The last journal generation checkpointed (0: none).
+    generation: u64,
+}
+
+/// Creates the tables if missing; chooses the store epoch on first open.
+fn init_tables(db: &redb::Database) -> Result<Opened, StoreError> {
     let txn = db.begin_write()?;
-    let epoch = {
+    let opened = {
         let mut meta = txn.open_table(META)?;
         txn.open_table(USERS)?;
         txn.open_table(HEADS)?;
@@ -235,8 +571,10 @@ fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
         txn.open_table(USER_GROUPS)?;
         txn.open_table(GROUP_SENT)?;
         txn.open_table(DELIVERED)?;
-        let stored = meta.get(EPOCH_KEY)?.map(|guard| guard.value());
-        match stored {
+        fn get(meta: &redb::Table<&str, u64>, key: &str) -> Result<Option<u64>, StoreError> {
+            Ok(meta.get(key)?.map(|guard| guard.value()))
+        }
+        let epoch = match get(&meta, EPOCH_KEY)? {
             Some(0) => return Err(StoreError::Corrupt("store epoch is 0".into())),
             Some(epoch) => epoch,
             None => {
@@ -246,10 +584,18 @@ fn init_tables(db: &redb::Database) -> Result<u64, StoreError> {
                 meta.insert(NEXT_UID_KEY, 1)?;
                 epoch
             }
+        };
+        let counter = |key: &str| {
+            get(&meta, key)?.ok_or_else(|| StoreError::Corrupt(format!("{key} missing")))
+        };
+        Opened {
+            epoch,
+            counters: (counter(NEXT_MESSAGE_ID_KEY)?, counter(NEXT_UID_KEY)?),
+            generation: get(&meta, JOURNAL_GENERATION_KEY)?.unwrap_or(0),
         }
     };
     txn.commit()?;
-    Ok(epoch)
+    Ok(opened)
 }
 
 /// 64-bit FNV-1a: a stable hash of a device id for dedup keys (stable across builds,
@@ -265,23 +611,22 @@ impl Store for EmbeddedStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let txn = self.begin_write()?;
-        let cached = self.uids.read();
-        let (outcomes, assigned) = {
-            let mut writer = write::Writer::open(&txn, &cached)?;
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for (index, req) in batch.iter().enumerate() {
-                outcomes.push(writer.apply(index, req)?);
-            }
-            writer.aggregate_deferred(batch, &mut outcomes)?;
-            (outcomes, writer.finish()?)
-        };
-        drop(cached);
-        // An early return above drops `txn`, which aborts it: nothing is committed.
-        txn.commit()?;
-        if !assigned.is_empty() {
-            self.uids.write().extend(assigned);
+        let mut writer = self.writer.lock();
+        if let Some(reason) = &writer.failed {
+            return Err(StoreError::Engine(format!(
+                "the store stopped committing after a failed write ({reason}); reopen it to recover from its journal"
+            )));
         }
+        let (outcomes, delta, assigned) = self.apply(batch, writer.counters)?;
+        let payload = journal::encode_batch(batch);
+        let sync = self.durability == Durability::Fsync;
+        if let Err(e) = writer.journal.append(&payload, sync) {
+            // The record may or may not be on disk: memory can no longer follow it.
+            writer.failed = Some(e.to_string());
+            return Err(e.into());
+        }
+        self.publish(&mut writer, delta, assigned);
+        self.maybe_checkpoint(&mut writer);
         Ok(outcomes)
     }
 
@@ -298,24 +643,15 @@ impl Store for EmbeddedStore {
         let Some(uid) = self.uid(user)? else {
             return Ok(Vec::new());
         };
-        let txn = self.db.begin_read()?;
-        let inbox = txn.open_table(INBOX)?;
-        let span = usize::try_from(to - from).unwrap_or(usize::MAX);
-        let mut entries = Vec::with_capacity(limit.min(span.saturating_add(1)).min(1024));
-        for item in inbox.range((uid, from)..=(uid, to))?.take(limit) {
-            let (key, value) = item?;
-            entries.push(decode_entry(user, key.value().1, value.value())?);
-        }
-        Ok(entries)
+        let raw = self.read(|view| view.entries(None, uid, from, to, limit))?;
+        raw.iter()
+            .map(|(seq, bytes)| decode_entry(user, *seq, bytes))
+            .collect()
     }
 
     fn inbox_info(&self, user: &str) -> Result<InboxInfo, StoreError> {
         let (head, low) = match self.uid(user)? {
-            Some(uid) => {
-                let txn = self.db.begin_read()?;
-                let heads = txn.open_table(HEADS)?;
-                heads.get(uid)?.map(|guard| guard.value()).unwrap_or((0, 1))
-            }
+            Some(uid) => self.read(|view| view.head(None, uid))?.unwrap_or((0, 1)),
             None => (0, 1),
         };
         Ok(InboxInfo {
@@ -326,17 +662,14 @@ impl Store for EmbeddedStore {
     }
 
     fn cursor(&self, user: &str, device: &str) -> Result<Option<DeviceCursor>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let cursors = txn.open_table(CURSORS)?;
-        Ok(cursors
-            .get((user, device))?
-            .map(|guard| device_cursor(guard.value())))
+        Ok(self
+            .read(|view| view.cursor(user, device))?
+            .map(device_cursor))
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        // An empty durable commit makes the non-durable ones before it durable.
-        self.begin_write()?.commit()?;
-        Ok(())
+        let mut writer = self.writer.lock();
+        self.checkpoint_now(&mut writer)
     }
 
     fn set_cursors(&self, updates: &[(String, String, DeviceCursor)]) -> Result<(), StoreError> {
@@ -344,52 +677,56 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         // Cursors are advisory (a device's own resume point wins; a lost cursor only
-        // means redelivery, which clients drop by seq), so they do not pay for a sync
-        // of their own: redb keeps this commit in memory and makes it durable with the
-        // next durable commit, i.e. the next batch of messages.
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
-        {
-            let mut cursors = txn.open_table(CURSORS)?;
+        // means redelivery, which clients drop by seq), so they are not journaled: they
+        // join the live layer and are durable with its checkpoint.
+        let mut writer = self.writer.lock();
+        let rows = self.read(|view| {
+            let mut rows: HashMap<(String, String), CursorValue> = HashMap::new();
             for (user, device, cursor) in updates {
-                let key = (user.as_str(), device.as_str());
-                let old = cursors.get(key)?.map(|guard| guard.value());
+                let key = (user.clone(), device.clone());
+                let old = match rows.get(&key) {
+                    Some(row) => Some(*row),
+                    None => view.cursor(user, device)?,
+                };
                 let acked_seq = match old {
                     Some((epoch, acked, _)) if epoch == cursor.inbox_epoch => {
                         acked.max(cursor.acked_seq)
                     }
                     _ => cursor.acked_seq,
                 };
-                cursors.insert(key, (cursor.inbox_epoch, acked_seq, cursor.last_seen_ms))?;
+                rows.insert(key, (cursor.inbox_epoch, acked_seq, cursor.last_seen_ms));
             }
+            Ok(rows)
+        })?;
+        let mut layers = self.layers.write();
+        for (key, row) in rows {
+            layers.live.cursors.insert(key, Some(row));
         }
-        txn.commit()?;
+        drop(layers);
+        self.maybe_checkpoint(&mut writer);
         Ok(())
     }
 
     fn devices(&self, user: &str) -> Result<Vec<(String, DeviceCursor)>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let cursors = txn.open_table(CURSORS)?;
-        let mut devices = Vec::new();
-        // Keys sort by user first, so one user's devices are one contiguous run.
-        for item in cursors.range((user, "")..)? {
-            let (key, value) = item?;
-            let (owner, device) = key.value();
-            if owner != user {
-                break;
-            }
-            devices.push((device.to_owned(), device_cursor(value.value())));
-        }
-        Ok(devices)
+        Ok(self
+            .read(|view| view.devices(user))?
+            .into_iter()
+            .map(|(device, cursor)| (device, device_cursor(cursor)))
+            .collect())
     }
 
     fn remove_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
-        // Advisory like every cursor write: durable with the next durable commit.
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
-        let removed = txn.open_table(CURSORS)?.remove((user, device))?.is_some();
-        txn.commit()?;
-        Ok(removed)
+        // Advisory like every cursor write: durable with the next checkpoint.
+        let _writer = self.writer.lock();
+        let existed = self.read(|view| view.cursor(user, device))?.is_some();
+        if existed {
+            self.layers
+                .write()
+                .live
+                .cursors
+                .insert((user.to_owned(), device.to_owned()), None);
+        }
+        Ok(existed)
     }
 
     /// Per inbox, the new low watermark is the larger of two floors: just above the
@@ -400,6 +737,10 @@ impl Store for EmbeddedStore {
     /// clock step back, waits for the next run).
     fn compact(&self, policy: &CompactPolicy) -> Result<CompactStats, StoreError> {
         let mut stats = CompactStats::default();
+        // Compaction works on the database alone: everything in memory goes there
+        // first, and no batch runs until it is done.
+        let mut writer = self.writer.lock();
+        self.checkpoint_now(&mut writer)?;
         let txn = self.begin_write()?;
         {
             let users = txn.open_table(USERS)?;
@@ -510,67 +851,48 @@ impl Store for EmbeddedStore {
         let Some(uid) = self.uid(user)? else {
             return Ok(Vec::new());
         };
-        let txn = self.db.begin_read()?;
-        let convs = txn.open_table(CONVS)?;
-        let mut out = Vec::new();
-        for item in convs.range((uid, after)..)? {
-            let (key, value) = item?;
-            let (owner, conversation) = key.value();
-            if owner != uid || out.len() >= limit {
-                break;
-            }
-            if conversation == after {
-                continue;
-            }
-            out.push(write::conversation_pb(
-                conversation.to_owned(),
-                value.value(),
-            ));
-        }
-        Ok(out)
+        Ok(self
+            .read(|view| view.convs_after(uid, after, limit))?
+            .into_iter()
+            .map(|(conversation, row)| write::conversation_pb(conversation, row))
+            .collect())
     }
 
     fn groups_of(&self, user: &str) -> Result<Vec<pb::GroupSummary>, StoreError> {
         let Some(uid) = self.uid(user)? else {
             return Ok(Vec::new());
         };
-        let txn = self.db.begin_read()?;
-        let user_groups = txn.open_table(USER_GROUPS)?;
-        let groups = txn.open_table(GROUPS)?;
-        let mut out = Vec::new();
-        for item in user_groups.range((uid, "")..)? {
-            let (key, _) = item?;
-            let (owner, group) = key.value();
-            if owner != uid {
-                break;
+        self.read(|view| {
+            let mut out = Vec::new();
+            for group in view.groups_of(uid)? {
+                if let Some(summary) = view.group(None, &group)? {
+                    out.push(
+                        pb::GroupSummary::decode(summary)
+                            .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?,
+                    );
+                }
             }
-            if let Some(summary) = groups.get(group)? {
-                out.push(
-                    pb::GroupSummary::decode(summary.value())
-                        .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?,
-                );
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn group(&self, group: &str) -> Result<Option<pb::GroupInfo>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let groups = txn.open_table(GROUPS)?;
-        let Some(summary) = groups.get(group)? else {
-            return Ok(None);
-        };
-        let summary = pb::GroupSummary::decode(summary.value())
-            .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?;
-        let members = txn.open_table(MEMBERS)?;
-        let members = write::member_rows(&members, group)?
-            .into_iter()
-            .map(|(user, row)| write::member_pb(user, &row))
-            .collect();
-        Ok(Some(pb::GroupInfo {
-            summary: Some(summary),
-            members,
-        }))
+        self.read(|view| {
+            let Some(summary) = view.group(None, group)? else {
+                return Ok(None);
+            };
+            let summary = pb::GroupSummary::decode(summary)
+                .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}")))?;
+            let members = view
+                .members(None, group)?
+                .into_iter()
+                .map(|(user, row)| write::member_pb(user, &write::MemberRow::from_value(row)))
+                .collect();
+            Ok(Some(pb::GroupInfo {
+                summary: Some(summary),
+                members,
+            }))
+        })
     }
 }
 

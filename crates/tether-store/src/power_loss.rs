@@ -339,7 +339,18 @@ mod tests {
     fn a_store_on_it_keeps_every_commit_that_returned_across_a_crash() {
         use crate::{Action, AppendRequest, Durability, EmbeddedStore, InboxTarget, Store};
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
+        let open_store = || {
+            let file = |name: &str| -> Box<dyn redb::StorageBackend> {
+                Box::new(open(&dir.path().join(name), 0.3))
+            };
+            EmbeddedStore::with_backends(
+                open(&dir.path().join("db"), 0.3),
+                [file("journal.0"), file("journal.1")],
+                Durability::Fsync,
+                None,
+            )
+            .unwrap()
+        };
         let request = |n: u8| AppendRequest {
             sender: "alice".into(),
             sender_device: "phone".into(),
@@ -353,16 +364,17 @@ mod tests {
             ts_ms: 1,
         };
         for round in 0..3u8 {
-            let store =
-                EmbeddedStore::open_with_backend(open(&path, 0.3), Durability::Fsync).unwrap();
+            let store = open_store();
+            // Checkpoints now and then, so a crash finds some in the database.
+            store.set_checkpoint_policy(std::time::Duration::from_secs(60), 30);
             assert_eq!(store.inbox_info("bob").unwrap().head, u64::from(round) * 20);
             for n in 0..20 {
                 store.append(&[request(round * 20 + n)]).unwrap();
             }
-            // Dies without closing: whatever redb did not sync is gone.
-            std::mem::forget(store);
+            // Dies without closing: whatever was not synced is gone.
+            store.abandon();
         }
-        let store = EmbeddedStore::open_with_backend(open(&path, 0.3), Durability::Fsync).unwrap();
+        let store = open_store();
         let entries = store.read_range("bob", 1, 60, 100).unwrap();
         assert_eq!(entries.len(), 60);
         assert!(

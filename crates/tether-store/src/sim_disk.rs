@@ -9,8 +9,10 @@
 //! flush would; [`SimulatedDisk::cut_power_after`] makes the power fail in the middle of a
 //! commit, between any two writes or syncs.
 //!
-//! It implements [`redb::StorageBackend`], so an [`EmbeddedStore`](crate::EmbeddedStore)
-//! runs on it unchanged through
+//! A disk holds several files (the store's database and its two log files); a power cut
+//! hits all of them at once. The disk itself is file 0 and [`SimulatedDisk::file`] gives
+//! the others; each implements [`redb::StorageBackend`], so an
+//! [`EmbeddedStore`](crate::EmbeddedStore) runs on it unchanged through
 //! [`EmbeddedStore::open_with_backend`](crate::EmbeddedStore::open_with_backend).
 
 use parking_lot::Mutex;
@@ -23,23 +25,30 @@ use std::sync::Arc;
 pub const TORN_CHUNK: u64 = 4096;
 
 /// A simulated disk that loses unsynced bytes at a power cut. Clones share the same disk.
+/// As a storage backend it is its file 0.
 #[derive(Clone, Default)]
 pub struct SimulatedDisk {
     state: Arc<Mutex<DiskState>>,
+    file: usize,
 }
 
 #[derive(Default)]
 struct DiskState {
+    files: Vec<FileImage>,
+    /// `sync_data` calls that succeeded, on any file.
+    syncs: u64,
+    /// Mutating calls (write, set_len, sync) still allowed before the power fails.
+    power_left: Option<u64>,
+}
+
+#[derive(Default)]
+struct FileImage {
     /// What the process sees.
     current: Vec<u8>,
     /// What survived the last sync.
     durable: Vec<u8>,
     /// Changes since the last sync, in order: what a torn power cut may partly keep.
     unsynced: Vec<Unsynced>,
-    /// `sync_data` calls that succeeded.
-    syncs: u64,
-    /// Mutating calls (write, set_len, sync) still allowed before the power fails.
-    power_left: Option<u64>,
 }
 
 enum Unsynced {
@@ -53,10 +62,18 @@ impl SimulatedDisk {
         Self::default()
     }
 
-    /// The disk as found after a power loss now: a new disk holding only the synced image.
+    /// File `index` of the same disk (0 is the disk itself), created empty on first use.
+    pub fn file(&self, index: usize) -> SimulatedDisk {
+        SimulatedDisk {
+            state: self.state.clone(),
+            file: index,
+        }
+    }
+
+    /// The disk as found after a power loss now: a new disk holding only the synced images.
     pub fn power_cut(&self) -> SimulatedDisk {
         let state = self.state.lock();
-        Self::from_image(state.durable.clone())
+        Self::from_images(state.files.iter().map(|f| f.durable.clone()).collect())
     }
 
     /// Like [`power_cut`](Self::power_cut), but a random subset (chosen by `seed`) of the
@@ -65,8 +82,46 @@ impl SimulatedDisk {
     pub fn power_cut_torn(&self, seed: u64) -> SimulatedDisk {
         let state = self.state.lock();
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut image = state.durable.clone();
-        for change in &state.unsynced {
+        let images = state.files.iter().map(|file| file.torn(&mut rng)).collect();
+        Self::from_images(images)
+    }
+
+    /// Makes the power fail after `ops` more writes, length changes or syncs: that call and
+    /// every later one (reads included) returns an I/O error, as from a dead disk.
+    pub fn cut_power_after(&self, ops: u64) {
+        self.state.lock().power_left = Some(ops);
+    }
+
+    /// Number of successful `sync_data` calls on this disk.
+    pub fn syncs(&self) -> u64 {
+        self.state.lock().syncs
+    }
+
+    fn from_images(images: Vec<Vec<u8>>) -> SimulatedDisk {
+        let files = images
+            .into_iter()
+            .map(|image| FileImage {
+                current: image.clone(),
+                durable: image,
+                unsynced: Vec::new(),
+            })
+            .collect();
+        SimulatedDisk {
+            state: Arc::new(Mutex::new(DiskState {
+                files,
+                ..DiskState::default()
+            })),
+            file: 0,
+        }
+    }
+}
+
+impl FileImage {
+    /// The durable image plus a random subset of the unsynced changes, in
+    /// [`TORN_CHUNK`]s.
+    fn torn(&self, rng: &mut StdRng) -> Vec<u8> {
+        let mut image = self.durable.clone();
+        for change in &self.unsynced {
             match change {
                 Unsynced::SetLen(len) => {
                     if rng.random_bool(0.5) {
@@ -92,28 +147,7 @@ impl SimulatedDisk {
                 }
             }
         }
-        Self::from_image(image)
-    }
-
-    /// Makes the power fail after `ops` more writes, length changes or syncs: that call and
-    /// every later one (reads included) returns an I/O error, as from a dead disk.
-    pub fn cut_power_after(&self, ops: u64) {
-        self.state.lock().power_left = Some(ops);
-    }
-
-    /// Number of successful `sync_data` calls on this disk.
-    pub fn syncs(&self) -> u64 {
-        self.state.lock().syncs
-    }
-
-    fn from_image(image: Vec<u8>) -> SimulatedDisk {
-        SimulatedDisk {
-            state: Arc::new(Mutex::new(DiskState {
-                current: image.clone(),
-                durable: image,
-                ..DiskState::default()
-            })),
-        }
+        image
     }
 }
 
@@ -132,6 +166,13 @@ impl DiskState {
             *left -= 1;
         }
         Ok(())
+    }
+
+    fn file(&mut self, index: usize) -> &mut FileImage {
+        if self.files.len() <= index {
+            self.files.resize_with(index + 1, FileImage::default);
+        }
+        &mut self.files[index]
     }
 }
 
@@ -157,16 +198,17 @@ fn span(offset: u64, len: usize, size: usize) -> io::Result<std::ops::Range<usiz
 
 impl redb::StorageBackend for SimulatedDisk {
     fn len(&self) -> io::Result<u64> {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         state.powered()?;
-        Ok(state.current.len() as u64)
+        Ok(state.file(self.file).current.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         state.powered()?;
-        let range = span(offset, out.len(), state.current.len())?;
-        out.copy_from_slice(&state.current[range]);
+        let file = state.file(self.file);
+        let range = span(offset, out.len(), file.current.len())?;
+        out.copy_from_slice(&file.current[range]);
         Ok(())
     }
 
@@ -175,19 +217,18 @@ impl redb::StorageBackend for SimulatedDisk {
         state.spend()?;
         let new_len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
-        state.current.resize(new_len, 0);
-        state.unsynced.push(Unsynced::SetLen(len));
+        let file = state.file(self.file);
+        file.current.resize(new_len, 0);
+        file.unsynced.push(Unsynced::SetLen(len));
         Ok(())
     }
 
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.state.lock();
         state.spend()?;
-        let DiskState {
-            current, durable, ..
-        } = &mut *state;
-        durable.clone_from(current);
-        state.unsynced.clear();
+        let file = state.file(self.file);
+        file.durable.clone_from(&file.current);
+        file.unsynced.clear();
         state.syncs += 1;
         Ok(())
     }
@@ -195,9 +236,10 @@ impl redb::StorageBackend for SimulatedDisk {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut state = self.state.lock();
         state.spend()?;
-        let range = span(offset, data.len(), state.current.len())?;
-        state.current[range].copy_from_slice(data);
-        state.unsynced.push(Unsynced::Write {
+        let file = state.file(self.file);
+        let range = span(offset, data.len(), file.current.len())?;
+        file.current[range].copy_from_slice(data);
+        file.unsynced.push(Unsynced::Write {
             offset,
             data: data.to_vec(),
         });
@@ -208,10 +250,12 @@ impl redb::StorageBackend for SimulatedDisk {
 impl fmt::Debug for SimulatedDisk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.state.lock();
+        let empty = FileImage::default();
+        let file = state.files.get(self.file).unwrap_or(&empty);
         f.debug_struct("SimulatedDisk")
-            .field("current_len", &state.current.len())
-            .field("durable_len", &state.durable.len())
-            .field("unsynced_changes", &state.unsynced.len())
+            .field("current_len", &file.current.len())
+            .field("durable_len", &file.durable.len())
+            .field("unsynced_changes", &file.unsynced.len())
             .field("syncs", &state.syncs)
             .finish()
     }

@@ -1,5 +1,7 @@
-//! One [`Store::append`](crate::Store::append) batch inside one redb write transaction:
-//! messages, group messages and membership changes, and receipt marks.
+//! One [`Store::append`](crate::Store::append) batch: messages, group messages and
+//! membership changes, and receipt marks, computed into one [`Delta`] over the store's
+//! layers (see [`layers`](super::layers)). The writer is deterministic: the same batch
+//! over the same state writes the same rows, which is what journal replay relies on.
 //!
 //! Everything a batch writes lands in the same atomic record: the entries in every
 //! target inbox, the inboxes' heads, the conversation rows that unread counts come
@@ -22,16 +24,14 @@
 //!   The aggregate is computed once per group per batch (a pass over the members), not
 //!   once per mark: a 500-member group ACKing in one batch costs one pass, not 500.
 
-use super::{
-    CONVS, ConvValue, DEDUP, DELIVERED, DedupKey, GROUP_SENT, GROUPS, HEADS, INBOX, MEMBERS, META,
-    MemberValue, NEXT_MESSAGE_ID_KEY, NEXT_UID_KEY, USER_GROUPS, USERS, decode_entry, fnv1a,
-};
+use super::layers::{DedupKey, Delta, View};
+use super::{ConvValue, MemberValue, decode_entry, fnv1a};
 use crate::{
     Action, AppendOutcome, AppendRequest, Committed, EntryKind, GroupChange, GroupOp, ReadMark,
     Refuse, StoreError,
 };
+use bytes::Bytes;
 use prost::Message;
-use redb::ReadableTable;
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BTreeMap, HashMap};
 use tether_proto::{GROUP_PREFIX, conversation_group, group_conversation, pb, valid_group_id};
@@ -111,7 +111,7 @@ impl MemberRow {
         }
     }
 
-    fn from_value(v: MemberValue) -> Self {
+    pub(super) fn from_value(v: MemberValue) -> Self {
         let (joined, delivered, read, notified_delivered, notified_read) = v;
         Self {
             joined,
@@ -153,19 +153,12 @@ fn valid_user_id(user: &str) -> bool {
         && !user.starts_with(GROUP_PREFIX)
 }
 
-/// The tables of one write transaction and what the batch has learnt so far.
+/// The state a batch reads, what it writes, and what it has learnt so far.
 pub(super) struct Writer<'t> {
-    meta: redb::Table<'t, &'static str, u64>,
-    users: redb::Table<'t, &'static str, u64>,
-    heads: redb::Table<'t, u64, (u64, u64)>,
-    inbox: redb::Table<'t, (u64, u64), &'static [u8]>,
-    dedup: redb::Table<'t, DedupKey, (u64, u64, u64)>,
-    convs: redb::Table<'t, (u64, &'static str), ConvValue>,
-    groups: redb::Table<'t, &'static str, &'static [u8]>,
-    members: redb::Table<'t, (&'static str, &'static str), MemberValue>,
-    user_groups: redb::Table<'t, (u64, &'static str), u64>,
-    group_sent: redb::Table<'t, (&'static str, u64, u64), u64>,
-    delivered: redb::Table<'t, u64, u64>,
+    /// The store as of the batch's start.
+    view: &'t View<'t>,
+    /// What the batch writes (read first: it is the newest layer).
+    pending: Delta,
     /// Users known before the batch (the store's cache).
     cached: &'t HashMap<String, u64>,
     /// uids met or assigned in this batch (`true`: new, cached after the commit).
@@ -192,31 +185,15 @@ pub(super) struct Writer<'t> {
 }
 
 impl<'t> Writer<'t> {
-    pub(super) fn open(
-        txn: &'t redb::WriteTransaction,
+    /// A batch over `view`, with the store's counters `(next_message_id, next_uid)`.
+    pub(super) fn new(
+        view: &'t View<'t>,
         cached: &'t HashMap<String, u64>,
-    ) -> Result<Self, StoreError> {
-        let meta = txn.open_table(META)?;
-        let next_message_id = meta
-            .get(NEXT_MESSAGE_ID_KEY)?
-            .map(|guard| guard.value())
-            .ok_or_else(|| StoreError::Corrupt("next message id missing".into()))?;
-        let next_uid = meta
-            .get(NEXT_UID_KEY)?
-            .map(|guard| guard.value())
-            .ok_or_else(|| StoreError::Corrupt("next uid missing".into()))?;
-        Ok(Self {
-            meta,
-            users: txn.open_table(USERS)?,
-            heads: txn.open_table(HEADS)?,
-            inbox: txn.open_table(INBOX)?,
-            dedup: txn.open_table(DEDUP)?,
-            convs: txn.open_table(CONVS)?,
-            groups: txn.open_table(GROUPS)?,
-            members: txn.open_table(MEMBERS)?,
-            user_groups: txn.open_table(USER_GROUPS)?,
-            group_sent: txn.open_table(GROUP_SENT)?,
-            delivered: txn.open_table(DELIVERED)?,
+        (next_message_id, next_uid): (u64, u64),
+    ) -> Self {
+        Self {
+            view,
+            pending: Delta::default(),
             cached,
             batch_uids: HashMap::new(),
             next_uid,
@@ -229,7 +206,7 @@ impl<'t> Writer<'t> {
             new_heads: Vec::new(),
             deferred: BTreeMap::new(),
             current: 0,
-        })
+        }
     }
 
     /// Applies request `index` of the batch.
@@ -286,24 +263,25 @@ impl<'t> Writer<'t> {
         Ok(())
     }
 
-    /// Writes back heads, conversation rows and counters; returns the uids assigned.
-    pub(super) fn finish(mut self) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Writes back heads, conversation rows and counters; returns what the batch
+    /// writes and the uids it assigned.
+    pub(super) fn finish(mut self) -> (Delta, Vec<(String, u64)>) {
         for (uid, inbox_head) in &self.touched {
-            self.heads.insert(*uid, (inbox_head.head, inbox_head.low))?;
+            self.pending
+                .heads
+                .insert(*uid, (inbox_head.head, inbox_head.low));
         }
-        for ((uid, conversation), row) in &self.conv_rows {
-            self.convs
-                .insert((*uid, conversation.as_str()), row.value())?;
+        for ((uid, conversation), row) in self.conv_rows {
+            self.pending.convs.insert((uid, conversation), row.value());
         }
-        self.meta
-            .insert(NEXT_MESSAGE_ID_KEY, self.next_message_id)?;
-        self.meta.insert(NEXT_UID_KEY, self.next_uid)?;
-        Ok(self
+        self.pending.counters = Some((self.next_message_id, self.next_uid));
+        let assigned = self
             .batch_uids
             .into_iter()
             .filter(|(_, (_, new))| *new)
             .map(|(user, (uid, _))| (user, uid))
-            .collect())
+            .collect();
+        (self.pending, assigned)
     }
 
     fn take_message_id(&mut self) -> u64 {
@@ -319,7 +297,7 @@ impl<'t> Writer<'t> {
         }
         let uid = self.next_uid;
         self.next_uid += 1;
-        self.users.insert(user, uid)?;
+        self.pending.users.insert(user.to_owned(), uid);
         self.batch_uids.insert(user.to_owned(), (uid, true));
         Ok(uid)
     }
@@ -331,7 +309,7 @@ impl<'t> Writer<'t> {
         }
         let found = match self.cached.get(user) {
             Some(uid) => Some(*uid),
-            None => self.users.get(user)?.map(|g| g.value()),
+            None => self.view.user(Some(&self.pending), user)?,
         };
         if let Some(uid) = found {
             self.batch_uids.insert(user.to_owned(), (uid, false));
@@ -339,23 +317,20 @@ impl<'t> Writer<'t> {
         Ok(found)
     }
 
-    fn dedup_key<'r>(
-        &mut self,
-        req: &'r AppendRequest,
-    ) -> Result<(u64, u64, &'r [u8; 16]), StoreError> {
+    fn dedup_key(&mut self, req: &AppendRequest) -> Result<DedupKey, StoreError> {
         Ok((
             self.uid(&req.sender)?,
             fnv1a(req.sender_device.as_bytes()),
-            &req.client_msg_id,
+            req.client_msg_id,
         ))
     }
 
     /// The original ack if this request's dedup key is known. Keys inserted earlier in
-    /// this transaction are visible too, so duplicates inside a batch are caught.
+    /// this batch are visible too, so duplicates inside a batch are caught.
     fn duplicate(&mut self, req: &AppendRequest) -> Result<Option<AppendOutcome>, StoreError> {
         let key = self.dedup_key(req)?;
-        Ok(self.dedup.get(key)?.map(|original| {
-            let (message_id, sender_seq, ts_ms) = original.value();
+        Ok(self.view.dedup(Some(&self.pending), &key)?.map(|original| {
+            let (message_id, sender_seq, ts_ms) = original;
             AppendOutcome::Duplicate(Committed {
                 message_id,
                 sender_seq,
@@ -372,8 +347,9 @@ impl<'t> Writer<'t> {
         sender_seq: u64,
     ) -> Result<AppendOutcome, StoreError> {
         let key = self.dedup_key(req)?;
-        self.dedup
-            .insert(key, (message_id, sender_seq, req.ts_ms))?;
+        self.pending
+            .dedup
+            .insert(key, (message_id, sender_seq, req.ts_ms));
         Ok(self.outcome(message_id, sender_seq, req.ts_ms))
     }
 
@@ -424,11 +400,7 @@ impl<'t> Writer<'t> {
         let inbox_head = match self.touched.entry(uid) {
             MapEntry::Occupied(slot) => slot.into_mut(),
             MapEntry::Vacant(slot) => {
-                let (head, low) = self
-                    .heads
-                    .get(uid)?
-                    .map(|guard| guard.value())
-                    .unwrap_or((0, 1));
+                let (head, low) = self.view.head(Some(&self.pending), uid)?.unwrap_or((0, 1));
                 slot.insert(InboxHead {
                     head,
                     low,
@@ -449,9 +421,9 @@ impl<'t> Writer<'t> {
             MapEntry::Occupied(slot) => Some(slot.into_mut()),
             MapEntry::Vacant(slot) => {
                 let stored = self
-                    .convs
-                    .get((uid, conversation))?
-                    .map(|g| ConvRow::from_value(g.value()));
+                    .view
+                    .conv(Some(&self.pending), uid, conversation)?
+                    .map(ConvRow::from_value);
                 match (stored, is_receipt) {
                     (Some(row), _) => Some(slot.insert(row)),
                     (None, false) => Some(slot.insert(ConvRow::default())),
@@ -481,7 +453,9 @@ impl<'t> Writer<'t> {
         entry
             .encode(&mut self.encoded)
             .map_err(|e| StoreError::Engine(format!("encoding inbox entry failed: {e}")))?;
-        self.inbox.insert((uid, seq), self.encoded.as_slice())?;
+        self.pending
+            .inbox
+            .insert((uid, seq), Bytes::copy_from_slice(&self.encoded));
         self.new_heads.push((user.to_owned(), seq));
         Ok(seq)
     }
@@ -490,11 +464,7 @@ impl<'t> Writer<'t> {
         if let Some(h) = self.touched.get(&uid) {
             return Ok((h.head, h.low));
         }
-        Ok(self
-            .heads
-            .get(uid)?
-            .map(|guard| guard.value())
-            .unwrap_or((0, 1)))
+        Ok(self.view.head(Some(&self.pending), uid)?.unwrap_or((0, 1)))
     }
 
     /// Writes a receipt entry (a new message id) into `to`'s inbox under `conversation`.
@@ -526,16 +496,21 @@ impl<'t> Writer<'t> {
     // ---- groups -------------------------------------------------------------------
 
     fn group_summary(&mut self, group: &str) -> Result<Option<pb::GroupSummary>, StoreError> {
-        match self.groups.get(group)? {
+        match self.view.group(Some(&self.pending), group)? {
             None => Ok(None),
-            Some(bytes) => pb::GroupSummary::decode(bytes.value())
+            Some(bytes) => pb::GroupSummary::decode(bytes)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt(format!("group {group:?}: {e}"))),
         }
     }
 
     fn member_rows(&mut self, group: &str) -> Result<Vec<(String, MemberRow)>, StoreError> {
-        member_rows(&self.members, group)
+        Ok(self
+            .view
+            .members(Some(&self.pending), group)?
+            .into_iter()
+            .map(|(user, row)| (user, MemberRow::from_value(row)))
+            .collect())
     }
 
     fn group_message(
@@ -590,8 +565,9 @@ impl<'t> Writer<'t> {
         self.member_lists.insert(group.to_owned(), members);
         result?;
         let sender_uid = self.uid(&req.sender)?;
-        self.group_sent
-            .insert((group, sender_uid, message_id), req.ts_ms)?;
+        self.pending
+            .group_sent
+            .insert((group.to_owned(), sender_uid, message_id), req.ts_ms);
         self.committed(req, message_id, sender_seq)
     }
 
@@ -761,19 +737,25 @@ impl<'t> Writer<'t> {
         match change.op {
             GroupOp::Create | GroupOp::Add => {
                 for user in &about {
-                    self.members.insert(
-                        (group, user.as_str()),
-                        MemberRow::joined(message_id).value(),
-                    )?;
+                    self.pending.members.insert(
+                        (group.to_owned(), user.clone()),
+                        Some(MemberRow::joined(message_id).value()),
+                    );
                     let uid = self.uid(user)?;
-                    self.user_groups.insert((uid, group), message_id)?;
+                    self.pending
+                        .user_groups
+                        .insert((uid, group.to_owned()), Some(message_id));
                 }
             }
             GroupOp::Remove | GroupOp::Leave => {
                 for user in &about {
-                    self.members.remove((group, user.as_str()))?;
+                    self.pending
+                        .members
+                        .insert((group.to_owned(), user.clone()), None);
                     let uid = self.uid(user)?;
-                    self.user_groups.remove((uid, group))?;
+                    self.pending
+                        .user_groups
+                        .insert((uid, group.to_owned()), None);
                 }
             }
         }
@@ -783,8 +765,9 @@ impl<'t> Writer<'t> {
             owner,
             size: after.len() as u32,
         };
-        self.groups
-            .insert(group, summary.encode_to_vec().as_slice())?;
+        self.pending
+            .groups
+            .insert(group.to_owned(), Bytes::from(summary.encode_to_vec()));
         self.member_lists.remove(group);
         if matches!(change.op, GroupOp::Remove | GroupOp::Leave) {
             // A member who held the others back may be gone.
@@ -834,16 +817,16 @@ impl<'t> Writer<'t> {
                 }
                 let from = *notified + 1;
                 *notified = others;
-                self.members.insert((group, user.as_str()), row.value())?;
+                self.pending
+                    .members
+                    .insert((group.to_owned(), user.clone()), Some(row.value()));
                 owed.push((user.clone(), from, others));
             }
             for (user, from, others) in owed {
                 let uid = self.uid(&user)?;
                 let sent_any = self
-                    .group_sent
-                    .range((group, uid, from)..=(group, uid, others))?
-                    .next_back()
-                    .is_some();
+                    .view
+                    .sent_any(Some(&self.pending), group, uid, from, others)?;
                 if sent_any {
                     let body = pb::ReceiptBody {
                         kind: match mark {
@@ -873,9 +856,9 @@ impl<'t> Writer<'t> {
         message_id: u64,
     ) -> Result<bool, StoreError> {
         let Some(mut row) = self
-            .members
-            .get((group, user))?
-            .map(|g| MemberRow::from_value(g.value()))
+            .view
+            .member(Some(&self.pending), group, user)?
+            .map(MemberRow::from_value)
         else {
             return Ok(false);
         };
@@ -887,7 +870,9 @@ impl<'t> Writer<'t> {
             return Ok(false);
         }
         *slot = message_id;
-        self.members.insert((group, user), row.value())?;
+        self.pending
+            .members
+            .insert((group.to_owned(), user.to_owned()), Some(row.value()));
         Ok(true)
     }
 
@@ -903,7 +888,7 @@ impl<'t> Writer<'t> {
             return Ok(self.outcome(0, 0, req.ts_ms));
         };
         let (head, low) = self.head(uid)?;
-        let done = self.delivered.get(uid)?.map(|g| g.value()).unwrap_or(0);
+        let done = self.view.delivered(Some(&self.pending), uid)?.unwrap_or(0);
         let target = up_to_seq.min(head);
         if target <= done {
             return Ok(self.outcome(0, done, req.ts_ms));
@@ -912,9 +897,15 @@ impl<'t> Writer<'t> {
         // conversation → newest message id from the peer / in the group.
         let mut peers: BTreeMap<String, u64> = BTreeMap::new();
         let mut groups: BTreeMap<String, u64> = BTreeMap::new();
-        for item in self.inbox.range((uid, (done + 1).max(low))..=(uid, end))? {
-            let (key, value) = item?;
-            let e = decode_entry(user, key.value().1, value.value())?;
+        let scanned = self.view.entries(
+            Some(&self.pending),
+            uid,
+            (done + 1).max(low),
+            end,
+            usize::MAX,
+        )?;
+        for (seq, bytes) in scanned {
+            let e = decode_entry(user, seq, &bytes)?;
             if e.from == user || e.kind == EntryKind::Receipt {
                 continue;
             }
@@ -930,7 +921,7 @@ impl<'t> Writer<'t> {
                 None => {}
             }
         }
-        self.delivered.insert(uid, end)?;
+        self.pending.delivered.insert(uid, end);
         for (peer, message_id) in peers {
             let body = pb::ReceiptBody {
                 kind: pb::ReceiptKind::Delivered as i32,
@@ -965,8 +956,8 @@ impl<'t> Writer<'t> {
         let key = (uid, conversation.to_owned());
         let mut row = match self.conv_rows.get(&key) {
             Some(row) => *row,
-            None => match self.convs.get((uid, conversation))? {
-                Some(g) => ConvRow::from_value(g.value()),
+            None => match self.view.conv(Some(&self.pending), uid, conversation)? {
+                Some(value) => ConvRow::from_value(value),
                 None => return Ok(not_yours()),
             },
         };
@@ -983,26 +974,27 @@ impl<'t> Writer<'t> {
         if mark.up_to_seq <= row.read_seq {
             return Ok(self.outcome(0, 0, req.ts_ms));
         }
-        let (message_id, incoming) = match self.inbox.get((uid, mark.up_to_seq))? {
-            Some(bytes) => {
-                let e = decode_entry(user, mark.up_to_seq, bytes.value())?;
-                if e.conversation != conversation {
-                    return Ok(refused(
-                        Refuse::BadRequest,
-                        format!(
-                            "seq {} is in conversation {:?}, not {conversation:?}",
-                            mark.up_to_seq, e.conversation
-                        ),
-                    ));
+        let (message_id, incoming) =
+            match self.view.entry(Some(&self.pending), uid, mark.up_to_seq)? {
+                Some(bytes) => {
+                    let e = decode_entry(user, mark.up_to_seq, &bytes)?;
+                    if e.conversation != conversation {
+                        return Ok(refused(
+                            Refuse::BadRequest,
+                            format!(
+                                "seq {} is in conversation {:?}, not {conversation:?}",
+                                mark.up_to_seq, e.conversation
+                            ),
+                        ));
+                    }
+                    (e.message_id, e.incoming)
                 }
-                (e.message_id, e.incoming)
-            }
-            // Compacted: the device's word, within what the conversation holds.
-            None => (
-                mark.message_id.min(row.last_mid),
-                mark.incoming.min(row.incoming),
-            ),
-        };
+                // Compacted: the device's word, within what the conversation holds.
+                None => (
+                    mark.message_id.min(row.last_mid),
+                    mark.incoming.min(row.incoming),
+                ),
+            };
         let newly_read = incoming > row.read_incoming;
         row.read_seq = mark.up_to_seq;
         row.read_incoming = row.read_incoming.max(incoming);
@@ -1036,23 +1028,6 @@ impl<'t> Writer<'t> {
         }
         Ok(self.outcome(0, 0, req.ts_ms))
     }
-}
-
-/// Every member row of `group`, by user.
-pub(super) fn member_rows<T: redb::ReadableTable<(&'static str, &'static str), MemberValue>>(
-    members: &T,
-    group: &str,
-) -> Result<Vec<(String, MemberRow)>, StoreError> {
-    let mut rows = Vec::new();
-    for item in members.range((group, "")..)? {
-        let (key, value) = item?;
-        let (g, user) = key.value();
-        if g != group {
-            break;
-        }
-        rows.push((user.to_owned(), MemberRow::from_value(value.value())));
-    }
-    Ok(rows)
 }
 
 /// A member row as the protocol shows it.
