@@ -504,6 +504,7 @@ fn checkpoint(db: &redb::Database, delta: &Delta, generation: u64) -> Result<(),
 
 /// The checkpoint thread: writes each frozen layer, then lets readers forget it.
 fn run_checkpoints(db: &redb::Database, layers: &RwLock<Layers>, checkpoints: &Checkpoints) {
+    background_priority();
     loop {
         let (delta, generation) = {
             let mut state = checkpoints.state.lock();
@@ -537,6 +538,20 @@ fn run_checkpoints(db: &redb::Database, layers: &RwLock<Layers>, checkpoints: &C
         }
         state.busy = false;
         checkpoints.changed.notify_all();
+    }
+}
+
+/// Puts the calling thread in `SCHED_IDLE`: it runs only when nothing else wants the
+/// CPU. A checkpoint is a burst of B-tree work (tens of ms for a second of traffic);
+/// at normal priority it took a core from connections and the commit path and tripled
+/// the p99 of message latency. If the machine is saturated checkpoints fall behind and
+/// commits wait for them ([`CHECKPOINT_BACKLOG`]), so memory stays bounded.
+fn background_priority() {
+    // SAFETY: sched_setscheduler on the calling thread (pid 0) with a valid parameter.
+    let param = libc::sched_param { sched_priority: 0 };
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "checkpoint thread keeps normal priority");
     }
 }
 
