@@ -328,10 +328,16 @@ impl EmbeddedStore {
         let mut batches = 0;
         for (generation, payloads) in generations {
             for payload in payloads {
-                let batch = journal::decode_batch(&payload)?;
-                let (_, delta, assigned) = self.apply(&batch, writer.counters)?;
-                self.publish(&mut writer, delta, assigned);
-                batches += 1;
+                match journal::decode(&payload)? {
+                    journal::Record::Batch(batch) => {
+                        let (_, delta, assigned) = self.apply(&batch, writer.counters)?;
+                        self.publish(&mut writer, delta, assigned);
+                        batches += 1;
+                    }
+                    journal::Record::Cursors(rows) => {
+                        self.layers.write().live.cursors.extend(rows);
+                    }
+                }
             }
             tracing::info!(generation, batches, "replayed the journal");
         }
@@ -417,6 +423,23 @@ impl EmbeddedStore {
         if !assigned.is_empty() {
             self.uids.write().extend(assigned);
         }
+    }
+
+    /// Journals cursor rows (without a sync) and lays them over the live layer.
+    fn journal_cursors(
+        &self,
+        writer: &mut WriterState,
+        rows: Vec<((String, String), Option<CursorValue>)>,
+    ) -> Result<(), StoreError> {
+        if let Err(e) = writer
+            .journal
+            .append(&journal::encode_cursors(&rows), false)
+        {
+            writer.failed = Some(e.to_string());
+            return Err(e.into());
+        }
+        self.layers.write().live.cursors.extend(rows);
+        Ok(())
     }
 
     /// Freezes the live layer for a checkpoint; the journal moves to the next generation.
@@ -692,9 +715,15 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         // Cursors are advisory (a device's own resume point wins; a lost cursor only
-        // means redelivery, which clients drop by seq), so they are not journaled: they
-        // join the live layer and are durable with its checkpoint.
+        // means redelivery, which clients drop by seq), so their journal record is not
+        // synced: it survives a crash, and a power cut once the next batch's fdatasync
+        // covers it.
         let mut writer = self.writer.lock();
+        if let Some(reason) = &writer.failed {
+            return Err(StoreError::Engine(format!(
+                "the store stopped writing after a failed write ({reason})"
+            )));
+        }
         let rows = self.read(|view| {
             let mut rows: HashMap<(String, String), CursorValue> = HashMap::new();
             for (user, device, cursor) in updates {
@@ -713,11 +742,11 @@ impl Store for EmbeddedStore {
             }
             Ok(rows)
         })?;
-        let mut layers = self.layers.write();
-        for (key, row) in rows {
-            layers.live.cursors.insert(key, Some(row));
-        }
-        drop(layers);
+        let rows: Vec<_> = rows
+            .into_iter()
+            .map(|(key, row)| (key, Some(row)))
+            .collect();
+        self.journal_cursors(&mut writer, rows)?;
         self.maybe_checkpoint(&mut writer);
         Ok(())
     }
@@ -731,15 +760,17 @@ impl Store for EmbeddedStore {
     }
 
     fn remove_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
-        // Advisory like every cursor write: durable with the next checkpoint.
-        let _writer = self.writer.lock();
+        // Advisory like every cursor write: journaled, not synced.
+        let mut writer = self.writer.lock();
+        if let Some(reason) = &writer.failed {
+            return Err(StoreError::Engine(format!(
+                "the store stopped writing after a failed write ({reason})"
+            )));
+        }
         let existed = self.read(|view| view.cursor(user, device))?.is_some();
         if existed {
-            self.layers
-                .write()
-                .live
-                .cursors
-                .insert((user.to_owned(), device.to_owned()), None);
+            let key = (user.to_owned(), device.to_owned());
+            self.journal_cursors(&mut writer, vec![(key, None)])?;
         }
         Ok(existed)
     }

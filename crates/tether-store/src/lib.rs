@@ -343,8 +343,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records device cursors (coalesced by the caller). Cursors only move forward
     /// within an epoch; a smaller `acked_seq` of the same epoch is ignored. Cursors are
-    /// advisory, so they need not be durable at once: the embedded store makes them
-    /// durable with its next checkpoint (about a second) or [`Store::sync`].
+    /// advisory, so they need not be durable at once: they survive a crash, and they
+    /// are durable after the next successful [`Store::append`] or [`Store::sync`].
     fn set_cursors(&self, cursors: &[(String, String, DeviceCursor)]) -> Result<(), StoreError>;
 
     /// Makes everything recorded so far durable (used at shutdown).

@@ -526,7 +526,7 @@ fn empty_store_reports_unknown_inbox_as_head_0_low_1_in_the_store_epoch() {
 }
 
 #[test]
-fn cursors_become_durable_with_the_next_checkpoint_or_sync_not_before() {
+fn cursors_become_durable_with_the_next_append_checkpoint_or_sync_not_before() {
     let cursor = |acked_seq| DeviceCursor {
         inbox_epoch: 1,
         acked_seq,
@@ -538,28 +538,37 @@ fn cursors_become_durable_with_the_next_checkpoint_or_sync_not_before() {
     store
         .set_cursors(&[("bob".into(), "phone".into(), cursor(3))])
         .unwrap();
-    // Visible at once, but not yet on disk, nor after an append (cursors are advisory
-    // and not journaled).
+    // Visible at once, but not yet on disk (its journal record is not synced).
     assert_eq!(store.cursor("bob", "phone").unwrap().unwrap().acked_seq, 3);
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap(), None);
+    // The next append's sync carries it to disk.
     store
         .append(&[send("alice", "d", 1, "bob", "x", 10)])
         .unwrap();
     let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
-    assert_eq!(cut.cursor("bob", "phone").unwrap(), None);
-    assert_eq!(cut.inbox_info("bob").unwrap().head, 1);
-    // Sync carries it to disk.
-    store.sync().unwrap();
-    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
     assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 3);
-    // So does the next checkpoint, on its own thread.
-    store.set_checkpoint_policy(Duration::ZERO, usize::MAX);
+    // So does sync, and so does a removal.
     store
         .set_cursors(&[("bob".into(), "phone".into(), cursor(4))])
+        .unwrap();
+    store
+        .set_cursors(&[("bob".into(), "tablet".into(), cursor(4))])
+        .unwrap();
+    assert!(store.remove_device("bob", "tablet").unwrap());
+    store.sync().unwrap();
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 4);
+    assert_eq!(cut.cursor("bob", "tablet").unwrap(), None);
+    // And the next checkpoint, on its own thread, with nothing else written.
+    store.set_checkpoint_policy(Duration::ZERO, usize::MAX);
+    store
+        .set_cursors(&[("bob".into(), "phone".into(), cursor(5))])
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
-        if cut.cursor("bob", "phone").unwrap().unwrap().acked_seq == 4 {
+        if cut.cursor("bob", "phone").unwrap().unwrap().acked_seq == 5 {
             break;
         }
         assert!(Instant::now() < deadline, "no checkpoint wrote the cursor");

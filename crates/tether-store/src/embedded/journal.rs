@@ -20,6 +20,7 @@
 //! valid records of one generation: a torn write at the end fails its CRC, and stale
 //! records of an older generation behind the new ones carry their old generation.
 
+use super::layers::CursorValue;
 use crate::{Action, AppendRequest, GroupChange, GroupOp, InboxTarget, ReadMark, StoreError};
 use bytes::Bytes;
 use prost::Message;
@@ -32,11 +33,31 @@ const GROW: u64 = 1 << 20;
 /// A record longer than this is corrupt.
 const MAX_RECORD: usize = 1 << 30;
 
-/// One batch as journaled.
+/// One record: a batch as journaled, or device cursors recorded (which are not part of
+/// any batch and change nothing a batch computes).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct LogBatch {
     #[prost(message, repeated, tag = "1")]
     pub requests: Vec<LogRequest>,
+    #[prost(message, repeated, tag = "2")]
+    pub cursors: Vec<LogCursor>,
+}
+
+/// A device cursor as recorded (after merging with the previous one), or its removal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct LogCursor {
+    #[prost(string, tag = "1")]
+    pub user: String,
+    #[prost(string, tag = "2")]
+    pub device: String,
+    #[prost(bool, tag = "3")]
+    pub removed: bool,
+    #[prost(uint64, tag = "4")]
+    pub inbox_epoch: u64,
+    #[prost(uint64, tag = "5")]
+    pub acked_seq: u64,
+    #[prost(uint64, tag = "6")]
+    pub last_seen_ms: u64,
 }
 
 /// One [`AppendRequest`], flattened: `action` says which fields apply.
@@ -194,18 +215,63 @@ impl LogRequest {
 pub(super) fn encode_batch(batch: &[AppendRequest]) -> Vec<u8> {
     LogBatch {
         requests: batch.iter().map(LogRequest::from_request).collect(),
+        cursors: Vec::new(),
     }
     .encode_to_vec()
 }
 
+/// Encodes cursor rows (`None`: removed) as a journal payload.
+pub(super) fn encode_cursors(rows: &[((String, String), Option<CursorValue>)]) -> Vec<u8> {
+    let cursors = rows
+        .iter()
+        .map(|((user, device), row)| {
+            let (inbox_epoch, acked_seq, last_seen_ms) = row.unwrap_or_default();
+            LogCursor {
+                user: user.clone(),
+                device: device.clone(),
+                removed: row.is_none(),
+                inbox_epoch,
+                acked_seq,
+                last_seen_ms,
+            }
+        })
+        .collect();
+    LogBatch {
+        requests: Vec::new(),
+        cursors,
+    }
+    .encode_to_vec()
+}
+
+/// A decoded record.
+pub(super) enum Record {
+    Batch(Vec<AppendRequest>),
+    Cursors(Vec<((String, String), Option<CursorValue>)>),
+}
+
 /// Decodes a journal payload.
-pub(super) fn decode_batch(payload: &[u8]) -> Result<Vec<AppendRequest>, StoreError> {
-    LogBatch::decode(payload)
-        .map_err(|e| StoreError::Corrupt(format!("journal record: {e}")))?
-        .requests
-        .into_iter()
-        .map(LogRequest::into_request)
-        .collect()
+pub(super) fn decode(payload: &[u8]) -> Result<Record, StoreError> {
+    let record = LogBatch::decode(payload)
+        .map_err(|e| StoreError::Corrupt(format!("journal record: {e}")))?;
+    if !record.cursors.is_empty() {
+        return Ok(Record::Cursors(
+            record
+                .cursors
+                .into_iter()
+                .map(|c| {
+                    let row = (!c.removed).then_some((c.inbox_epoch, c.acked_seq, c.last_seen_ms));
+                    ((c.user, c.device), row)
+                })
+                .collect(),
+        ));
+    }
+    Ok(Record::Batch(
+        record
+            .requests
+            .into_iter()
+            .map(LogRequest::into_request)
+            .collect::<Result<_, _>>()?,
+    ))
 }
 
 fn crc(generation: u64, payload: &[u8]) -> u32 {
@@ -399,9 +465,19 @@ mod tests {
                 ..base.clone()
             })
             .collect();
-        let back = decode_batch(&encode_batch(&batch)).unwrap();
+        let Record::Batch(back) = decode(&encode_batch(&batch)).unwrap() else {
+            panic!("not a batch");
+        };
         assert_eq!(format!("{back:?}"), format!("{batch:?}"));
-        assert!(decode_batch(b"\x38\x09").is_ok_and(|b| b.is_empty()));
-        assert!(decode_batch(&[0x0a, 0x02, 0x38, 0x09]).is_err());
+        assert!(matches!(decode(b"\x38\x09"), Ok(Record::Batch(b)) if b.is_empty()));
+        assert!(decode(&[0x0a, 0x02, 0x38, 0x09]).is_err());
+        let rows = vec![
+            (("ann".to_string(), "phone".to_string()), Some((3, 9, 12))),
+            (("ann".to_string(), "tablet".to_string()), None),
+        ];
+        let Record::Cursors(back) = decode(&encode_cursors(&rows)).unwrap() else {
+            panic!("not cursors");
+        };
+        assert_eq!(back, rows);
     }
 }
