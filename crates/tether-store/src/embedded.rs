@@ -135,13 +135,20 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
-/// What readers see over the database.
-#[derive(Default)]
+/// What readers see: two layers in memory over one shared read transaction.
+///
+/// Only the writer (under [`EmbeddedStore::writer`], at normal priority) changes this.
+/// The checkpoint thread runs at idle priority and never takes this lock: if it were
+/// preempted holding it, or parked waiting for it, every reader and commit would wait
+/// until the machine had a core to spare for it.
 struct Layers {
     /// Committed since the last freeze.
     live: Delta,
-    /// Frozen, being written by the checkpoint thread.
+    /// Frozen, being written (or just written) by the checkpoint thread.
     frozen: Option<Arc<Delta>>,
+    /// The database as of the last checkpoint the writer took notice of: readers share
+    /// it rather than each beginning a transaction (which takes redb's locks).
+    base: Arc<Base>,
 }
 
 struct WriterState {
@@ -169,6 +176,10 @@ struct CheckpointState {
     queued: Option<(Arc<Delta>, u64)>,
     /// A checkpoint is queued or running.
     busy: bool,
+    /// A checkpoint was written and the writer has not yet dropped its frozen layer.
+    written: bool,
+    /// Frozen layers the writer let go of, freed here rather than on the commit path.
+    garbage: Vec<Arc<Delta>>,
     failed: Option<String>,
     stop: bool,
 }
@@ -288,13 +299,17 @@ impl EmbeddedStore {
         let start = found
             .last()
             .map_or(opened.generation + 1, |(generation, _)| *generation);
-        let layers: Arc<RwLock<Layers>> = Default::default();
+        let layers = Arc::new(RwLock::new(Layers {
+            live: Delta::default(),
+            frozen: None,
+            base: Arc::new(Base::new(db.begin_read()?)),
+        }));
         let checkpoints: Arc<Checkpoints> = Default::default();
         let checkpointer = {
-            let (db, layers, checkpoints) = (db.clone(), layers.clone(), checkpoints.clone());
+            let (db, checkpoints) = (db.clone(), checkpoints.clone());
             std::thread::Builder::new()
                 .name("tether-checkpoint".into())
-                .spawn(move || run_checkpoints(&db, &layers, &checkpoints))?
+                .spawn(move || run_checkpoints(&db, &checkpoints))?
         };
         let mut store = Self {
             db,
@@ -380,18 +395,48 @@ impl EmbeddedStore {
         Ok(uid)
     }
 
-    /// Runs `f` over the current layers and a read transaction of the database. The
-    /// transaction begins under the layers' lock: a frozen layer is dropped only after
-    /// its checkpoint committed, so a reader sees it either in memory or in the database.
+    /// Runs `f` over the current layers and the shared read transaction. A frozen
+    /// layer is dropped only together with a base that contains it (see
+    /// [`Self::retire_checkpoint`]), so a reader sees every row in one place or the other.
     fn read<T>(&self, f: impl FnOnce(&View) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let layers = self.layers.read();
-        let base = Base::new(self.db.begin_read()?);
         let view = View {
             live: &layers.live,
             frozen: layers.frozen.as_deref(),
-            base: &base,
+            base: &layers.base,
         };
         f(&view)
+    }
+
+    /// After a checkpoint (or any write to the database): readers move to a new read
+    /// transaction, and the frozen layer it now contains is dropped. Called by the writer.
+    fn retire_checkpoint(&self, drop_frozen: bool) -> Result<(), StoreError> {
+        let base = Arc::new(Base::new(self.db.begin_read()?));
+        let (old, frozen) = {
+            let mut layers = self.layers.write();
+            let frozen = if drop_frozen {
+                layers.frozen.take()
+            } else {
+                None
+            };
+            (std::mem::replace(&mut layers.base, base), frozen)
+        };
+        // The old transaction ends outside the lock (it takes redb's), and freeing a
+        // second of rows is the checkpoint thread's work.
+        drop(old);
+        if let Some(frozen) = frozen {
+            self.checkpoints.state.lock().garbage.push(frozen);
+        }
+        Ok(())
+    }
+
+    /// Drops the frozen layer if the checkpoint thread has written it since the last look.
+    fn take_written_checkpoint(&self) -> Result<(), StoreError> {
+        let written = std::mem::take(&mut self.checkpoints.state.lock().written);
+        if written {
+            self.retire_checkpoint(true)?;
+        }
+        Ok(())
     }
 
     /// Computes what `batch` writes over the current state; writes nothing.
@@ -455,6 +500,10 @@ impl EmbeddedStore {
 
     /// Hands the live layer to the checkpoint thread if a checkpoint is due.
     fn maybe_checkpoint(&self, writer: &mut WriterState) {
+        if let Err(e) = self.take_written_checkpoint() {
+            writer.failed = Some(e.to_string());
+            return;
+        }
         let rows = self.layers.read().live.rows();
         let due =
             rows >= writer.rows || (rows > 0 && writer.last_freeze.elapsed() >= writer.interval);
@@ -471,6 +520,14 @@ impl EmbeddedStore {
         if let Some(reason) = &state.failed {
             writer.failed = Some(reason.clone());
             return;
+        }
+        if std::mem::take(&mut state.written) {
+            drop(state);
+            if let Err(e) = self.retire_checkpoint(true) {
+                writer.failed = Some(e.to_string());
+                return;
+            }
+            state = self.checkpoints.state.lock();
         }
         state.queued = Some(self.freeze(writer));
         state.busy = true;
@@ -490,13 +547,13 @@ impl EmbeddedStore {
                 )));
             }
         }
+        self.take_written_checkpoint()?;
         let (delta, generation) = self.freeze(writer);
         if let Err(e) = checkpoint(&self.db, &delta, generation) {
             writer.failed = Some(e.to_string());
             return Err(e);
         }
-        self.layers.write().frozen = None;
-        Ok(())
+        self.retire_checkpoint(true)
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
@@ -525,13 +582,21 @@ fn checkpoint(db: &redb::Database, delta: &Delta, generation: u64) -> Result<(),
     Ok(())
 }
 
-/// The checkpoint thread: writes each frozen layer, then lets readers forget it.
-fn run_checkpoints(db: &redb::Database, layers: &RwLock<Layers>, checkpoints: &Checkpoints) {
+/// The checkpoint thread: writes each frozen layer; the writer then lets readers forget
+/// it (this thread takes no lock a reader or a commit waits for, but its own state's).
+fn run_checkpoints(db: &redb::Database, checkpoints: &Checkpoints) {
     background_priority();
     loop {
         let (delta, generation) = {
             let mut state = checkpoints.state.lock();
             loop {
+                if !state.garbage.is_empty() {
+                    let garbage = std::mem::take(&mut state.garbage);
+                    drop(state);
+                    drop(garbage);
+                    state = checkpoints.state.lock();
+                    continue;
+                }
                 if let Some(job) = state.queued.take() {
                     break job;
                 }
@@ -543,14 +608,12 @@ fn run_checkpoints(db: &redb::Database, layers: &RwLock<Layers>, checkpoints: &C
         };
         let started = Instant::now();
         let result = checkpoint(db, &delta, generation);
-        if result.is_ok() {
-            layers.write().frozen = None;
-        }
+        drop(delta);
         let mut state = checkpoints.state.lock();
+        state.written = result.is_ok();
         match result {
             Ok(()) => tracing::debug!(
                 generation,
-                rows = delta.rows(),
                 took = ?started.elapsed(),
                 "checkpoint written"
             ),
@@ -880,6 +943,7 @@ impl Store for EmbeddedStore {
             })?;
         }
         txn.commit()?;
+        self.retire_checkpoint(false)?;
         tracing::debug!(?stats, ?policy, "inbox store compacted");
         Ok(stats)
     }

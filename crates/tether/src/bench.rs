@@ -109,6 +109,16 @@ enum Which {
     /// MQTT (Mosquitto, rumqttd) or NATS servers under the same loads, for the
     /// side-by-side table (scripts/side-by-side.sh).
     Peer(crate::bench_peers::PeerArgs),
+    /// This machine's scheduling floor: threads that never sleep, and how long the
+    /// CPU was taken from them (host preemption on a VM). Run it beside a latency
+    /// benchmark's results to read their tail.
+    Hiccups {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Spinning threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -153,6 +163,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             body,
         } => fanout(&members, messages, senders, window, durability, body).await,
         Which::Memory { sessions } => memory(sessions).await,
+        Which::Hiccups { seconds, threads } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            tokio::task::spawn_blocking(move || crate::hiccups::run(seconds, threads))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+        }
         Which::Load(args) => crate::load::run(args).await,
         Which::LoadWorker(args) => crate::load::worker(args).await,
         Which::Peer(args) => crate::bench_peers::run(args).await,
@@ -461,6 +480,7 @@ pub(crate) async fn latency(
     let server = Arc::new(BenchServer::connect(target, durability).await?);
     let run: u32 = rand::random();
     let epoch = Instant::now();
+    let steal_before = crate::hiccups::steal_ms();
     let total = rate * seconds;
     let per_pair_interval = Duration::from_secs_f64(pairs as f64 / rate as f64);
     let samples = Arc::new(parking_samples(total as usize));
@@ -486,6 +506,7 @@ pub(crate) async fn latency(
                         .unwrap_or(0);
                     let now_ns = epoch.elapsed().as_nanos() as u64;
                     samples.push(now_ns.saturating_sub(sent_ns));
+
                     let _ = rx.send(&Frame::Ack(pb::Ack { seq: entry.seq }));
                     let _ = flush(&mut rx).await;
                 }
@@ -516,12 +537,11 @@ pub(crate) async fn latency(
                 if flush(&mut tx).await.is_err() {
                     return acks;
                 }
-                // Drain SEND_ACKs without blocking the schedule.
-                while let Ok(Some(raw)) =
-                    tokio::time::timeout(Duration::from_micros(1), recv(&mut tx))
-                        .await
-                        .unwrap_or(Ok(None))
-                {
+                // Drain SEND_ACKs without blocking the schedule (and without a timer:
+                // tokio's are per millisecond, and a thousand of them each tick load
+                // the generator, not the server).
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                while let std::task::Poll::Ready(Ok(Some(raw))) = tx.poll_recv(&mut cx) {
                     if raw.kind == tether_proto::kind::SEND_ACK {
                         acks += 1;
                     }
@@ -576,6 +596,7 @@ pub(crate) async fn latency(
         "max_ms": pct(1.0),
         "server": if server.running.is_none() { "external process" } else { "in process" },
         "server_commit_histogram": server_metrics,
+        "steal_ms_all_cpus": crate::hiccups::steal_ms().saturating_sub(steal_before),
     }))
 }
 
