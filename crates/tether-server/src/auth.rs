@@ -63,18 +63,24 @@ impl Authenticator {
 
     /// Loads `<dir>/jwt-secret`, creating it (and `dir`) on first use.
     pub fn open(dir: &Path) -> Result<Self, AuthError> {
-        Ok(Self::new(&load_or_create_secret(dir)?))
+        Ok(Self::new(&load_or_create_secret(dir, SECRET_FILE)?))
     }
 
     /// Returns the user id the token is for, if it is valid now.
     pub fn verify(&self, token: &str) -> Result<String, AuthError> {
+        self.verify_issued(token).map(|(user, _)| user)
+    }
+
+    /// Returns the user id the token is for and when it was issued (s since the Unix
+    /// epoch), if it is valid now.
+    pub fn verify_issued(&self, token: &str) -> Result<(String, u64), AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let sub = data.claims.sub;
         if sub.is_empty() || sub.len() > 128 {
             return Err(AuthError::Invalid("`sub` must be 1-128 bytes".into()));
         }
-        Ok(sub)
+        Ok((sub, data.claims.iat))
     }
 
     /// Mints a token for `user` valid for `ttl` (a negative age is possible in tests via
@@ -115,15 +121,17 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn load_or_create_secret(dir: &Path) -> io::Result<Vec<u8>> {
-    let path = dir.join(SECRET_FILE);
+/// Reads the hex secret in `<dir>/<name>`, creating it (32 random bytes, mode 0600)
+/// and `dir` on first use.
+pub(crate) fn load_or_create_secret(dir: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let path = dir.join(name);
     match fs::read_to_string(&path) {
         Ok(text) => hex::decode(text.trim())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path:?}: {e}"))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(dir)?;
             let secret: [u8; 32] = rand::random();
-            let tmp = dir.join(format!("{SECRET_FILE}.tmp"));
+            let tmp = dir.join(format!("{name}.tmp"));
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
@@ -137,7 +145,7 @@ fn load_or_create_secret(dir: &Path) -> io::Result<Vec<u8>> {
             if let Err(e) = fs::hard_link(&tmp, &path) {
                 let _ = fs::remove_file(&tmp);
                 return if e.kind() == io::ErrorKind::AlreadyExists {
-                    load_or_create_secret(dir)
+                    load_or_create_secret(dir, name)
                 } else {
                     Err(e)
                 };

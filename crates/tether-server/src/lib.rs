@@ -10,6 +10,7 @@
 //! Liveness deadlines beyond the login deadline, admission control and drain are the
 //! next slice's (DESIGN §4).
 
+pub mod admin;
 pub mod auth;
 pub mod commit;
 pub mod config;
@@ -94,6 +95,12 @@ pub struct Shared {
     pub replays: parking_lot::Mutex<tether_core::admission::TokenBucket>,
     /// Probe sessions, one per device (DESIGN §5).
     pub probes: probe::Probes,
+    /// The admin API's token.
+    pub admin_token: admin::AdminToken,
+    /// What kicked sessions are told.
+    pub kicks: admin::Kicks,
+    /// Devices whose tokens were revoked.
+    pub revocations: admin::Revocations,
     sweeper: std::sync::atomic::AtomicBool,
 }
 
@@ -162,6 +169,10 @@ impl Server {
     /// A server over an already opened store (tests: simulated disks).
     pub fn with_store(config: ServerConfig, store: Arc<dyn Store>) -> Result<Self, ServerError> {
         let auth = Authenticator::open(&config.data_dir)?;
+        let admin_token =
+            admin::AdminToken::open(&config.data_dir).map_err(auth::AuthError::from)?;
+        let revocations =
+            admin::Revocations::open(&config.data_dir).map_err(auth::AuthError::from)?;
         let logins = parking_lot::Mutex::new(tether_core::admission::TokenBucket::new(
             std::time::Instant::now(),
             config.login_rate,
@@ -202,6 +213,9 @@ impl Server {
                 replays,
                 deadlines,
                 probes: Default::default(),
+                admin_token,
+                kicks: Default::default(),
+                revocations,
                 draining: Default::default(),
                 sweeper: Default::default(),
             }),
@@ -305,6 +319,13 @@ impl Server {
         };
         self.shared.start_sweeper();
         let accept = tokio::spawn(accept_loop(listener, self.shared.clone()));
+        if let Some(at) = http.as_ref().map(|h| h.0).or(https.as_ref().map(|h| h.0)) {
+            info!(
+                admin = %format!("{at}/admin/v1"),
+                token = %cfg.data_dir.join(admin::ADMIN_TOKEN_FILE).display(),
+                "admin API (bearer token in the file named here)"
+            );
+        }
         info!(
             %addr,
             tls = ?tls_addr,

@@ -3,6 +3,7 @@
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -46,6 +47,12 @@ pub struct Metrics {
     pub ws_upgrades_refused: Counter,
     /// QUIC sessions whose client moved to a new address (kept in step at scrape time).
     pub quic_migrations: Counter,
+    /// Connections closed, by reason (`Close::label`).
+    disconnects: Family<Labels, Counter>,
+    /// Logged-in sessions now, by transport.
+    sessions: Family<Labels, Gauge>,
+    /// Heartbeat intervals granted: at each login and each change.
+    heartbeat_intervals: Histogram,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -74,6 +81,11 @@ impl Default for Metrics {
             tls_handshake_failures: Counter::default(),
             ws_upgrades_refused: Counter::default(),
             quic_migrations: Counter::default(),
+            disconnects: Family::default(),
+            sessions: Family::default(),
+            heartbeat_intervals: Histogram::new([
+                5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 420.0, 600.0, 900.0,
+            ]),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
             ]),
@@ -156,6 +168,21 @@ impl Default for Metrics {
             m.heartbeats.clone(),
         );
         registry.register(
+            "disconnects",
+            "Connections closed, by reason",
+            m.disconnects.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Logged-in sessions, by transport",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "heartbeat_interval_seconds",
+            "Heartbeat intervals granted, at login and at each change",
+            m.heartbeat_intervals.clone(),
+        );
+        registry.register(
             "commit_latency_seconds",
             "Time from SEND arrival to durable commit",
             m.commit_latency.clone(),
@@ -174,7 +201,45 @@ impl Default for Metrics {
     }
 }
 
+/// Label pairs of a metric family.
+type Labels = Vec<(&'static str, &'static str)>;
+
 impl Metrics {
+    /// A connection ended for `reason`.
+    pub fn disconnected(&self, reason: &'static str) {
+        self.disconnects
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// A session was admitted on `transport` with a heartbeat interval of `interval_ms`.
+    pub fn session_opened(&self, transport: &'static str, interval_ms: u32) {
+        self.sessions
+            .get_or_create(&vec![("transport", transport)])
+            .inc();
+        self.interval_changed(interval_ms);
+    }
+
+    /// An admitted session on `transport` closed.
+    pub fn session_closed(&self, transport: &'static str) {
+        self.sessions
+            .get_or_create(&vec![("transport", transport)])
+            .dec();
+    }
+
+    /// A session's heartbeat interval is now `interval_ms`.
+    pub fn interval_changed(&self, interval_ms: u32) {
+        self.heartbeat_intervals
+            .observe(f64::from(interval_ms) / 1000.0);
+    }
+
+    /// Connections closed for `reason` so far.
+    pub fn disconnects(&self, reason: &'static str) -> u64 {
+        self.disconnects
+            .get_or_create(&vec![("reason", reason)])
+            .get()
+    }
+
     /// Records one send's commit latency.
     pub fn observe_commit_latency(&self, d: Duration) {
         self.commit_latency.observe(d.as_secs_f64());
@@ -225,6 +290,7 @@ pub(crate) fn router(shared: Arc<crate::Shared>, kind: tether_transport::Transpo
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared.metrics.clone())
+        .merge(crate::admin::router(shared.clone()))
         .merge(ws)
 }
 

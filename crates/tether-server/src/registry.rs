@@ -10,9 +10,10 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::Context;
 use tether_proto::Frame;
+use tether_transport::TransportKind;
 
 /// Signal bit: the inbox head moved.
 pub const SIG_HEAD: u8 = 1;
@@ -26,6 +27,10 @@ pub const SIG_SHUTDOWN: u8 = 8;
 pub const SIG_DEADLINE: u8 = 16;
 /// Signal bit: the server drains: send GOAWAY and close.
 pub const SIG_GOAWAY: u8 = 32;
+/// Signal bit: an operator kicked the device (admin API): KICK{OPERATOR} and close.
+pub const SIG_KICKED: u8 = 64;
+/// Signal bit: the device's tokens were revoked: KICK{TOKEN_REVOKED} and close.
+pub const SIG_REVOKED: u8 = 128;
 
 /// A logged-in connection as the rest of the server sees it.
 #[derive(Debug)]
@@ -42,6 +47,10 @@ pub struct Session {
     /// Queued once for replay budget (see `DeadlineWheel::wake_later`).
     replay_waiting: std::sync::atomic::AtomicBool,
     signals: AtomicU8,
+    /// The transport, for the admin API (set once the connection is admitted).
+    transport: AtomicU8,
+    /// The heartbeat interval in force, ms (changes with PINGs that ask for another).
+    interval_ms: AtomicU32,
     waker: AtomicWaker,
     /// Answers to submitted operations, in submission order; `None` answers one that
     /// needs no frame (a receipt) but releases its in-flight slot.
@@ -59,9 +68,29 @@ impl Session {
             deadline_ms: AtomicU64::new(0),
             replay_waiting: std::sync::atomic::AtomicBool::new(false),
             signals: AtomicU8::new(0),
+            transport: AtomicU8::new(u8::MAX),
+            interval_ms: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             replies: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Records the session's transport and heartbeat interval (admin API).
+    pub fn set_link(&self, transport: TransportKind, interval_ms: u32) {
+        self.transport.store(transport as u8, Ordering::Relaxed);
+        self.interval_ms.store(interval_ms, Ordering::Relaxed);
+    }
+
+    /// The session's transport, once admitted.
+    pub fn transport(&self) -> Option<TransportKind> {
+        TransportKind::ALL
+            .get(usize::from(self.transport.load(Ordering::Relaxed)))
+            .copied()
+    }
+
+    /// The heartbeat interval in force, ms.
+    pub fn interval_ms(&self) -> u32 {
+        self.interval_ms.load(Ordering::Relaxed)
     }
 
     /// Raises signal bits and wakes the connection.
@@ -213,6 +242,15 @@ impl Registry {
                 shard.remove(&session.user);
             }
         }
+    }
+
+    /// The sessions of `user` now, one per connected device.
+    pub fn sessions_of(&self, user: &str) -> Vec<Arc<Session>> {
+        self.shard(user)
+            .lock()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The devices of `user` that have a session now.

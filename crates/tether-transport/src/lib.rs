@@ -75,6 +75,16 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub const ALL: [TransportKind; 6] = [
+        TransportKind::Tcp,
+        TransportKind::Tls,
+        TransportKind::Ws,
+        TransportKind::Wss,
+        TransportKind::Quic,
+        TransportKind::Memory,
+    ];
+
     /// Short lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
