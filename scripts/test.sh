@@ -14,6 +14,8 @@ command -v conntrack >/dev/null 2>&1 || need_pkgs+=(conntrack)
 command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
 command -v ping >/dev/null 2>&1 || need_pkgs+=(iputils-ping)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # browser tests (Debian's)
+command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)         # playwright-core
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]} (apt)"
   sudo_cmd=""
@@ -50,6 +52,12 @@ done
 # serial.
 group "transports: conformance (tcp, tls, ws, wss, quic; serial)" cargo test -p tether --test conformance --quiet -- --test-threads=1
 group "end to end (CLI, processes; serial)" cargo test -p tether "${e2e_tests[@]}" --quiet -- --test-threads=1
+# Debian's Chromium driven by playwright-core (npm), against a real `tether serve`.
+browser_tests() {
+  cargo build -p tether --quiet
+  (cd crates/tether-server/web && npm ci --no-audit --no-fund --loglevel=error && npm test)
+}
+group "browser: SDK in Chromium (playwright-core; serial)" browser_tests
 group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" cargo test -p tether --test chaos --quiet -- --test-threads=1 --nocapture
 group "network lab (root: namespaces, NAT; parallel)" cargo test -p tether-lab --test '*' --quiet
 group "smart heartbeat on a real NAT (root; parallel scenarios)" cargo test -p tether --test lab --quiet -- --test-threads=16

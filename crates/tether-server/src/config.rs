@@ -158,6 +158,10 @@ pub struct ServerConfig {
     pub quic_listen: Option<SocketAddr>,
     /// HTTPS listener: the HTTP routes, `/ws` as `wss://`.
     pub https: Option<SocketAddr>,
+    /// Development only: `POST /dev/token {"user": ...}` on the HTTP port mints a login
+    /// token for any user, so the chat page can log in without an identity provider.
+    /// Off by default: with it on, anyone who reaches the HTTP port is anyone.
+    pub dev_login: bool,
     /// Chaos runs and tests only: the store's unsynced writes live in process memory
     /// (see `tether_store::PowerLossFile`, seeded with this), so killing the process is
     /// a power cut. `None` in production.
@@ -196,6 +200,7 @@ impl Default for ServerConfig {
             replay_burst: 20_000,
             probes: Default::default(),
             simulate_power_loss: None,
+            dev_login: false,
             tls: None,
             tls_listen: None,
             quic_listen: None,

@@ -21,6 +21,7 @@ mod listeners;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
+pub mod web;
 
 use crate::auth::Authenticator;
 use crate::commit::CommitPath;

@@ -291,6 +291,7 @@ pub(crate) fn router(shared: Arc<crate::Shared>, kind: tether_transport::Transpo
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(shared.metrics.clone())
         .merge(crate::admin::router(shared.clone()))
+        .merge(crate::web::router(shared.clone()))
         .merge(ws)
 }
 

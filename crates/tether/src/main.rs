@@ -167,6 +167,11 @@ struct ServeArgs {
     /// On SIGTERM, the address clients should move to instead.
     #[arg(long)]
     drain_to: Option<String>,
+    /// Development only: the HTTP port mints a login token for any user
+    /// (`POST /dev/token`), so the chat page at `/` logs in by name. Never on a
+    /// server others can reach.
+    #[arg(long)]
+    dev_login: bool,
     /// Least time between two probe sessions (smart heartbeat side probes) of one
     /// device, ms.
     #[arg(long, default_value_t = 500)]
@@ -334,6 +339,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
             min_gap: Duration::from_millis(args.probe_min_gap_ms),
         },
         simulate_power_loss: args.simulate_power_loss,
+        dev_login: args.dev_login,
         login_rate: args.login_rate,
         login_burst: args.login_burst,
         tcp_user_timeout: (args.tcp_user_timeout_ms > 0)
