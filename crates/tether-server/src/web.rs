@@ -1,5 +1,6 @@
-//! What browsers load from the HTTP port: the browser SDK (`/sdk/tether.js`) and, with
-//! `--dev-login`, a token for any user name (`POST /dev/token`).
+//! What browsers load from the HTTP port: the chat page (`/`), the browser SDK
+//! (`/sdk/tether.js`) and, with `--dev-login`, a token for any user name
+//! (`POST /dev/token`).
 
 use crate::Shared;
 use axum::extract::State;
@@ -16,6 +17,10 @@ use std::time::Duration;
 pub const SDK_JS: &str = include_str!("../web/sdk/tether.js");
 /// A page that loads the SDK and nothing else (tests drive it).
 pub const SDK_PAGE: &str = include_str!("../web/sdk/index.html");
+/// The chat page and its script.
+pub const CHAT_PAGE: &str = include_str!("../web/chat/index.html");
+/// The chat page's script.
+pub const CHAT_JS: &str = include_str!("../web/chat/chat.js");
 
 /// Lifetime of a development token.
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -40,6 +45,27 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
                 (
                     [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
                     SDK_PAGE,
+                )
+            }),
+        )
+        .route(
+            "/",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    CHAT_PAGE,
+                )
+            }),
+        )
+        .route(
+            "/chat.js",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    CHAT_JS,
                 )
             }),
         )
