@@ -132,6 +132,7 @@ export class TetherClient extends EventTarget {
    * @param {number} [o.hiddenHeartbeatMs=240000] interval while the tab is hidden
    * @param {number} [o.backoffBaseMs=500]
    * @param {number} [o.backoffCapMs=30000]
+   * @param {number} [o.connectTimeoutMs=10000] no WELCOME this long after connecting: retry
    * @param {{getItem(k:string):string|null, setItem(k:string,v:string):void}} [o.storage]
    */
   constructor(o) {
@@ -144,6 +145,7 @@ export class TetherClient extends EventTarget {
     this.hiddenMs = o.hiddenHeartbeatMs ?? 240000;
     this.backoffBase = o.backoffBaseMs ?? 500;
     this.backoffCap = o.backoffCapMs ?? 30000;
+    this.connectTimeout = o.connectTimeoutMs ?? 10000;
     this.storage = o.storage ?? globalThis.localStorage;
     this.key = `tether:${this.user}:${this.device}`;
     this.st = Object.assign(
@@ -206,6 +208,11 @@ export class TetherClient extends EventTarget {
     this.setState(States.CONNECTING);
     const ws = new WebSocket(this.url, SUBPROTOCOL);
     this.ws = ws;
+    // A SYN into a dead path is retried by the kernel for minutes: give up sooner.
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      if (this.ws === ws && this.state === States.CONNECTING) this.linkDown('no WELCOME within the connect timeout');
+    }, this.connectTimeout);
     ws.onopen = () => {
       const hello = {
         version: 1,

@@ -28,11 +28,11 @@ export function freePort() {
 }
 
 /** Starts `tether serve` with development login; resolves once it listens. */
-export async function startServer(extra = [], { devLogin = true } = {}) {
+export async function startServer(extra = [], { devLogin = true, httpHost = '127.0.0.1' } = {}) {
   const data = mkdtempSync(join(tmpdir(), 'tether-web-'));
   const tcp = await freePort();
   const http = await freePort();
-  const args = ['serve', '--data', data, '--listen', `127.0.0.1:${tcp}`, '--http', `127.0.0.1:${http}`, ...(devLogin ? ['--dev-login'] : []), ...extra];
+  const args = ['serve', '--data', data, '--listen', `127.0.0.1:${tcp}`, '--http', `${httpHost}:${http}`, ...(devLogin ? ['--dev-login'] : []), ...extra];
   const proc = spawn(TETHER, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TETHER_LOG: 'info' } });
   let log = '';
   await new Promise((ok, fail) => {
@@ -48,7 +48,7 @@ export async function startServer(extra = [], { devLogin = true } = {}) {
   const adminToken = readFileSync(join(data, 'admin-token'), 'utf8').trim();
   return {
     data, tcp, http, proc, adminToken,
-    base: `http://127.0.0.1:${http}`,
+    base: `http://${httpHost}:${http}`,
     log: () => log,
     stop: () => new Promise((ok) => { proc.once('exit', ok); proc.kill('SIGKILL'); }),
   };
@@ -73,9 +73,9 @@ export function cli(server, args, { timeoutMs = 20000 } = {}) {
 }
 
 /** Chromium as this machine allows it (root, closed network). */
-export function launchBrowser() {
+export function launchBrowser(executablePath = CHROMIUM) {
   return chromium.launch({
-    executablePath: CHROMIUM,
+    executablePath,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
@@ -98,17 +98,17 @@ export async function openClient(context, server, user, device, options = {}) {
   page.on('pageerror', (e) => console.error(`page error (${user}/${device}):`, e));
   await page.goto(`${server.base}/sdk/`);
   await page.waitForFunction(() => window.Tether);
-  await page.evaluate(async ({ user, device, options, http }) => {
+  await page.evaluate(async ({ user, device, options }) => {
     const res = await fetch('/dev/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) });
     const { token } = await res.json();
-    const client = new window.Tether.TetherClient({ url: `ws://127.0.0.1:${http}/ws`, user, token, device, ...options });
+    const client = new window.Tether.TetherClient({ url: `ws://${location.host}/ws`, user, token, device, ...options });
     window.events = [];
     for (const kind of ['state', 'entry', 'sendstate']) {
       client.addEventListener(kind, (e) => window.events.push({ kind, state: e.state, reason: e.reason, id: e.id, entry: e.entry, at: Date.now() }));
     }
     window.client = client;
     client.start();
-  }, { user, device, options, http: server.http });
+  }, { user, device, options });
   await page.waitForFunction(() => window.client.state === 'online', null, { timeout: 10000 });
   return page;
 }
