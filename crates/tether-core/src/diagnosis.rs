@@ -17,6 +17,8 @@ pub struct TcpSnapshot {
     pub total_retrans: u32,
     /// Milliseconds since the last ACK was received (`tcpi_last_ack_recv`).
     pub last_ack_recv_ms: u32,
+    /// The kernel's smoothed round-trip time, µs (`tcpi_rtt`).
+    pub rtt_us: u32,
 }
 
 /// The verdict on a failed heartbeat.
@@ -72,6 +74,7 @@ mod tests {
             retransmits: 0,
             total_retrans: 0,
             last_ack_recv_ms: 1_480,
+            rtt_us: 0,
         };
         assert_eq!(classify(Some(s)), Diagnosis::ServerUnresponsive);
     }
@@ -84,6 +87,7 @@ mod tests {
             retransmits: 3,
             total_retrans: 5,
             last_ack_recv_ms: 14_200,
+            rtt_us: 0,
         };
         assert_eq!(classify(Some(s)), Diagnosis::NetworkDead);
     }
@@ -95,6 +99,7 @@ mod tests {
             retransmits: 0,
             total_retrans: 0,
             last_ack_recv_ms: 30,
+            rtt_us: 0,
         };
         assert_eq!(classify(Some(s)), Diagnosis::Unknown);
     }
@@ -106,6 +111,7 @@ mod tests {
             retransmits: 0,
             total_retrans: 0,
             last_ack_recv_ms: 46_000,
+            rtt_us: 0,
         };
         assert_eq!(
             classify_silent_peer(Some(quiet), 45_000),

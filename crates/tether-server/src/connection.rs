@@ -42,6 +42,8 @@ const SYNC_BATCH: u32 = 64;
 
 /// Most conversations one QUERY_RESULT lists (continue with `after`).
 const QUERY_PAGE: usize = 200;
+/// One PING in this many samples the connection's TCP RTT (`tether_tcp_rtt_seconds`).
+const RTT_SAMPLE: u64 = 8;
 /// Time allowed to flush a final ERROR or KICK before closing.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -740,12 +742,17 @@ impl<T: Transport> Conn<T> {
                 Grant::CaughtUp | Grant::WindowFull => break,
             };
             let next = self.window.next();
+            self.shared
+                .metrics
+                .observe_lag(self.window.head().saturating_sub(next) + 1);
+            let started = Instant::now();
             let entries = self.shared.store.read_range(
                 &self.session.user,
                 next,
                 next + room - 1,
                 room as usize,
             )?;
+            self.shared.metrics.observe_store_read(started.elapsed());
             if entries.is_empty() {
                 // Nothing stored in the range: compacted away. Continue from what is left.
                 let info = self.shared.store.inbox_info(&self.session.user)?;
@@ -907,7 +914,15 @@ impl<T: Transport> Conn<T> {
         } else {
             0
         };
-        self.shared.metrics.heartbeats.inc();
+        let answered = self.shared.metrics.heartbeats.inc();
+        // The path's RTT as the kernel sees it, for one PING in RTT_SAMPLE (a getsockopt
+        // each would cost every PING a syscall).
+        if answered % RTT_SAMPLE == 0
+            && let Some(tcp) = self.t.tcp_snapshot()
+            && tcp.rtt_us > 0
+        {
+            self.shared.metrics.observe_rtt(tcp.rtt_us);
+        }
         self.send(Frame::Pong(pb::Pong { interval_ms, head }))
     }
 

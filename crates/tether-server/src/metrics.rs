@@ -53,6 +53,12 @@ pub struct Metrics {
     sessions: Family<Labels, Gauge>,
     /// Heartbeat intervals granted: at each login and each change.
     heartbeat_intervals: Histogram,
+    /// TCP round-trip times (kernel's smoothed RTT), sampled at PINGs.
+    tcp_rtt: Histogram,
+    /// How far behind its inbox head a connection is when it streams, entries.
+    streaming_lag: Histogram,
+    /// Time one read of the store takes on the delivery path.
+    store_read: Histogram,
     /// Time from a SEND's arrival to its durable commit.
     commit_latency: Histogram,
     /// Messages per group commit.
@@ -85,6 +91,14 @@ impl Default for Metrics {
             sessions: Family::default(),
             heartbeat_intervals: Histogram::new([
                 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 420.0, 600.0, 900.0,
+            ]),
+            tcp_rtt: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ]),
+            streaming_lag: Histogram::new([0.0, 1.0, 2.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0]),
+            store_read: Histogram::new([
+                0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1,
             ]),
             commit_latency: Histogram::new([
                 0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
@@ -183,6 +197,21 @@ impl Default for Metrics {
             m.heartbeat_intervals.clone(),
         );
         registry.register(
+            "tcp_rtt_seconds",
+            "Round-trip time of TCP sessions (the kernel's smoothed RTT), sampled at one PING in 8",
+            m.tcp_rtt.clone(),
+        );
+        registry.register(
+            "streaming_lag_entries",
+            "Entries between a connection's delivery position and its inbox head when it streams",
+            m.streaming_lag.clone(),
+        );
+        registry.register(
+            "store_read_seconds",
+            "Time one read of the store takes on the delivery path",
+            m.store_read.clone(),
+        );
+        registry.register(
             "commit_latency_seconds",
             "Time from SEND arrival to durable commit",
             m.commit_latency.clone(),
@@ -231,6 +260,21 @@ impl Metrics {
     pub fn interval_changed(&self, interval_ms: u32) {
         self.heartbeat_intervals
             .observe(f64::from(interval_ms) / 1000.0);
+    }
+
+    /// Records one TCP RTT sample.
+    pub fn observe_rtt(&self, rtt_us: u32) {
+        self.tcp_rtt.observe(f64::from(rtt_us) / 1e6);
+    }
+
+    /// Records how far behind its head a connection was when it streamed.
+    pub fn observe_lag(&self, entries: u64) {
+        self.streaming_lag.observe(entries as f64);
+    }
+
+    /// Records one store read on the delivery path.
+    pub fn observe_store_read(&self, took: Duration) {
+        self.store_read.observe(took.as_secs_f64());
     }
 
     /// Connections closed for `reason` so far.

@@ -1,4 +1,5 @@
-//! What browsers load from the HTTP port: the chat page (`/`), the browser SDK
+//! What browsers load from the HTTP port: the chat page (`/`), the live dashboard
+//! (`/dashboard`, which reads `/metrics`), the browser SDK
 //! (`/sdk/tether.js`) and, with `--dev-login`, a token for any user name
 //! (`POST /dev/token`).
 
@@ -21,6 +22,10 @@ pub const SDK_PAGE: &str = include_str!("../web/sdk/index.html");
 pub const CHAT_PAGE: &str = include_str!("../web/chat/index.html");
 /// The chat page's script.
 pub const CHAT_JS: &str = include_str!("../web/chat/chat.js");
+/// The live dashboard (reads `/metrics`).
+pub const DASHBOARD_PAGE: &str = include_str!("../web/dashboard/index.html");
+/// The dashboard's script.
+pub const DASHBOARD_JS: &str = include_str!("../web/dashboard/dashboard.js");
 
 /// Lifetime of a development token.
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -66,6 +71,27 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
                         (header::CACHE_CONTROL, "no-cache"),
                     ],
                     CHAT_JS,
+                )
+            }),
+        )
+        .route(
+            "/dashboard",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    DASHBOARD_PAGE,
+                )
+            }),
+        )
+        .route(
+            "/dashboard.js",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    DASHBOARD_JS,
                 )
             }),
         )

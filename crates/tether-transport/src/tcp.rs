@@ -315,6 +315,7 @@ pub(crate) fn tcp_info(stream: &TcpStream) -> Option<tether_core::diagnosis::Tcp
         retransmits: info.tcpi_retransmits,
         total_retrans: info.tcpi_total_retrans,
         last_ack_recv_ms: info.tcpi_last_ack_recv,
+        rtt_us: info.tcpi_rtt,
     })
 }
 
