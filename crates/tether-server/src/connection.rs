@@ -917,7 +917,7 @@ impl<T: Transport> Conn<T> {
         let answered = self.shared.metrics.heartbeats.inc();
         // The path's RTT as the kernel sees it, for one PING in RTT_SAMPLE (a getsockopt
         // each would cost every PING a syscall).
-        if answered % RTT_SAMPLE == 0
+        if answered.is_multiple_of(RTT_SAMPLE)
             && let Some(tcp) = self.t.tcp_snapshot()
             && tcp.rtt_us > 0
         {
