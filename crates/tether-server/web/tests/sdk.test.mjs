@@ -106,3 +106,26 @@ test('development login is off unless the server is started with --dev-login', a
   assert.equal(on.status, 200);
   assert.ok((await on.json()).token.split('.').length === 3);
 });
+
+test('a hidden tab asks for the long interval and switches only on the echo; visible again, at once', async () => {
+  const context = await browser.newContext();
+  const page = await openClient(context, server, 'hal', 'tab', { heartbeatMs: 20000, hiddenHeartbeatMs: 180000 });
+  const interval = async () => {
+    const s = await admin(server, 'GET', '/admin/v1/users/hal/sessions');
+    return s.json.connected[0].heartbeat_interval_ms;
+  };
+  assert.equal(await interval(), 20000);
+  // Headless Chromium does not hide tabs: tell the page it is hidden, as a browser would.
+  const setHidden = (hidden) => page.evaluate((hidden) => {
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (hidden ? 'hidden' : 'visible') });
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+  await setHidden(true);
+  await until(async () => (await interval()) === 180000, 5000, 'the server to grant the hidden interval');
+  await until(() => page.evaluate(() => window.client.interval === 180000), 5000, 'the client to switch on the echo');
+  assert.equal(await page.evaluate(() => window.client.state), 'online');
+  await setHidden(false);
+  assert.equal(await page.evaluate(() => window.client.interval), 20000, 'shortening is immediate');
+  await until(async () => (await interval()) === 20000, 5000, 'the server to follow');
+  await context.close();
+});
