@@ -272,7 +272,9 @@ async fn sessions(State(shared): State<Arc<Shared>>, Path(user): Path<String>) -
                 "device": &*s.device,
                 "device_epoch": s.device_epoch,
                 "transport": s.transport().map(|t| t.as_str()),
+                "heartbeat_mode": s.mode(),
                 "heartbeat_interval_ms": s.interval_ms(),
+                "rtt_ms": s.rtt_us().map(|us| f64::from(us) / 1000.0),
                 "last_frame_ms_ago": last_frame_ms_ago,
                 "delivered_head": s.head(),
             })

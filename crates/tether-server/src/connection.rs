@@ -220,7 +220,9 @@ pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
         Login::Admitted(conn) => {
             let close = conn.run().await;
             shared.registry.unregister(&conn.session);
-            shared.metrics.session_closed(conn.t.kind().as_str());
+            shared
+                .metrics
+                .session_closed(conn.t.kind().as_str(), conn.session.mode());
             conn.span()
                 .in_scope(|| info!(reason = %close, "session closed"));
             close
@@ -449,6 +451,7 @@ fn admit(shared: &Arc<Shared>, hello: pb::Hello) -> Result<Admission, Close> {
         hello.device_id.into_boxed_str(),
         hello.device_epoch,
     ));
+    session.set_mode(hello.heartbeat_mode);
     // Register before reading the head: a commit after this point notifies us, one
     // before it is covered by the head we read next.
     let replaced = match shared.registry.register(&session) {
@@ -676,9 +679,11 @@ impl<T: Transport> Conn<T> {
         self.extend_deadline();
         shared.deadlines.schedule(&self.session);
         self.session.set_link(self.t.kind(), self.interval_ms);
-        shared
-            .metrics
-            .session_opened(self.t.kind().as_str(), self.interval_ms);
+        shared.metrics.session_opened(
+            self.t.kind().as_str(),
+            self.session.mode(),
+            self.interval_ms,
+        );
         self.span().in_scope(|| {
             info!(
                 device_epoch = self.session.device_epoch,
@@ -896,7 +901,7 @@ impl<T: Transport> Conn<T> {
                 .as_millis() as u32;
             let shorter = accepted < self.interval_ms;
             self.interval_ms = accepted;
-            self.session.set_link(self.t.kind(), accepted);
+            self.session.set_interval(accepted);
             self.shared.metrics.interval_changed(accepted);
             self.extend_deadline();
             if shorter {
@@ -917,11 +922,12 @@ impl<T: Transport> Conn<T> {
         let answered = self.shared.metrics.heartbeats.inc();
         // The path's RTT as the kernel sees it, for one PING in RTT_SAMPLE (a getsockopt
         // each would cost every PING a syscall).
-        if answered.is_multiple_of(RTT_SAMPLE)
+        if (answered.is_multiple_of(RTT_SAMPLE) || self.session.rtt_us().is_none())
             && let Some(tcp) = self.t.tcp_snapshot()
             && tcp.rtt_us > 0
         {
             self.shared.metrics.observe_rtt(tcp.rtt_us);
+            self.session.set_rtt(tcp.rtt_us);
         }
         self.send(Frame::Pong(pb::Pong { interval_ms, head }))
     }

@@ -51,6 +51,8 @@ pub struct Metrics {
     disconnects: Family<Labels, Counter>,
     /// Logged-in sessions now, by transport.
     sessions: Family<Labels, Gauge>,
+    /// Logged-in sessions now, by the heartbeat mode their HELLO announced.
+    sessions_by_mode: Family<Labels, Gauge>,
     /// Heartbeat intervals granted: at each login and each change.
     heartbeat_intervals: Histogram,
     /// TCP round-trip times (kernel's smoothed RTT), sampled at PINGs.
@@ -89,6 +91,7 @@ impl Default for Metrics {
             quic_migrations: Counter::default(),
             disconnects: Family::default(),
             sessions: Family::default(),
+            sessions_by_mode: Family::default(),
             heartbeat_intervals: Histogram::new([
                 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 420.0, 600.0, 900.0,
             ]),
@@ -192,6 +195,11 @@ impl Default for Metrics {
             m.sessions.clone(),
         );
         registry.register(
+            "sessions_by_heartbeat_mode",
+            "Logged-in sessions, by heartbeat mode (idle, fixed, smart)",
+            m.sessions_by_mode.clone(),
+        );
+        registry.register(
             "heartbeat_interval_seconds",
             "Heartbeat intervals granted, at login and at each change",
             m.heartbeat_intervals.clone(),
@@ -241,18 +249,25 @@ impl Metrics {
             .inc();
     }
 
-    /// A session was admitted on `transport` with a heartbeat interval of `interval_ms`.
-    pub fn session_opened(&self, transport: &'static str, interval_ms: u32) {
+    /// A session was admitted on `transport`, in heartbeat `mode`, with an interval of
+    /// `interval_ms`.
+    pub fn session_opened(&self, transport: &'static str, mode: &'static str, interval_ms: u32) {
         self.sessions
             .get_or_create(&vec![("transport", transport)])
+            .inc();
+        self.sessions_by_mode
+            .get_or_create(&vec![("mode", mode)])
             .inc();
         self.interval_changed(interval_ms);
     }
 
-    /// An admitted session on `transport` closed.
-    pub fn session_closed(&self, transport: &'static str) {
+    /// An admitted session on `transport`, in heartbeat `mode`, closed.
+    pub fn session_closed(&self, transport: &'static str, mode: &'static str) {
         self.sessions
             .get_or_create(&vec![("transport", transport)])
+            .dec();
+        self.sessions_by_mode
+            .get_or_create(&vec![("mode", mode)])
             .dec();
     }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::task::Context;
 use tether_proto::Frame;
 use tether_transport::TransportKind;
@@ -47,10 +47,14 @@ pub struct Session {
     /// Queued once for replay budget (see `DeadlineWheel::wake_later`).
     replay_waiting: std::sync::atomic::AtomicBool,
     signals: AtomicU8,
-    /// The transport, for the admin API (set once the connection is admitted).
-    transport: AtomicU8,
-    /// The heartbeat interval in force, ms (changes with PINGs that ask for another).
-    interval_ms: AtomicU32,
+    /// For the admin API and metrics, packed to fit beside `signals` (the struct stays
+    /// 128 bytes): the transport (low 4 bits; 0xF = not yet admitted) and the HELLO's
+    /// heartbeat mode (bits 4-5).
+    link: AtomicU8,
+    /// The heartbeat interval in force, in 100 ms (changes with PINGs asking another).
+    interval_100ms: AtomicU16,
+    /// The kernel's smoothed RTT at the last sample, in 100 µs (0 = none yet).
+    rtt_100us: AtomicU16,
     waker: AtomicWaker,
     /// Answers to submitted operations, in submission order; `None` answers one that
     /// needs no frame (a receipt) but releases its in-flight slot.
@@ -68,29 +72,74 @@ impl Session {
             deadline_ms: AtomicU64::new(0),
             replay_waiting: std::sync::atomic::AtomicBool::new(false),
             signals: AtomicU8::new(0),
-            transport: AtomicU8::new(u8::MAX),
-            interval_ms: AtomicU32::new(0),
+            link: AtomicU8::new(0x0F),
+            interval_100ms: AtomicU16::new(0),
+            rtt_100us: AtomicU16::new(0),
             waker: AtomicWaker::new(),
             replies: Mutex::new(VecDeque::new()),
         }
     }
 
+    /// Records the heartbeat mode the client announced (`pb::HeartbeatMode` as i32).
+    pub fn set_mode(&self, mode: i32) {
+        let bits = u8::try_from(mode).ok().filter(|m| *m <= 3).unwrap_or(0) << 4;
+        let _ = self
+            .link
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some((l & 0x0F) | bits)
+            });
+    }
+
     /// Records the session's transport and heartbeat interval (admin API).
     pub fn set_link(&self, transport: TransportKind, interval_ms: u32) {
-        self.transport.store(transport as u8, Ordering::Relaxed);
-        self.interval_ms.store(interval_ms, Ordering::Relaxed);
+        let _ = self
+            .link
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some((l & 0xF0) | transport as u8)
+            });
+        self.set_interval(interval_ms);
+    }
+
+    /// Records a new heartbeat interval.
+    pub fn set_interval(&self, interval_ms: u32) {
+        let units = (interval_ms / 100).min(u32::from(u16::MAX)) as u16;
+        self.interval_100ms.store(units, Ordering::Relaxed);
     }
 
     /// The session's transport, once admitted.
     pub fn transport(&self) -> Option<TransportKind> {
         TransportKind::ALL
-            .get(usize::from(self.transport.load(Ordering::Relaxed)))
+            .get(usize::from(self.link.load(Ordering::Relaxed) & 0x0F))
             .copied()
     }
 
-    /// The heartbeat interval in force, ms.
+    /// The heartbeat mode the client announced: idle, fixed, smart or unspecified.
+    pub fn mode(&self) -> &'static str {
+        match self.link.load(Ordering::Relaxed) >> 4 {
+            1 => "idle",
+            2 => "fixed",
+            3 => "smart",
+            _ => "unspecified",
+        }
+    }
+
+    /// The heartbeat interval in force, ms (to 100 ms).
     pub fn interval_ms(&self) -> u32 {
-        self.interval_ms.load(Ordering::Relaxed)
+        u32::from(self.interval_100ms.load(Ordering::Relaxed)) * 100
+    }
+
+    /// Records an RTT sample, µs.
+    pub fn set_rtt(&self, rtt_us: u32) {
+        let units = (rtt_us / 100).clamp(1, u32::from(u16::MAX)) as u16;
+        self.rtt_100us.store(units, Ordering::Relaxed);
+    }
+
+    /// The last RTT sample, µs (to 100 µs), if any.
+    pub fn rtt_us(&self) -> Option<u32> {
+        match self.rtt_100us.load(Ordering::Relaxed) {
+            0 => None,
+            units => Some(u32::from(units) * 100),
+        }
     }
 
     /// Raises signal bits and wakes the connection.
@@ -303,6 +352,29 @@ mod tests {
 
     fn session(user: &str, device: &str, epoch: u64) -> Arc<Session> {
         Arc::new(Session::new(user.into(), device.into(), epoch))
+    }
+
+    #[test]
+    fn a_session_stays_128_bytes() {
+        // Every idle session holds one (DESIGN §10); the admin API's fields are packed
+        // into what alignment left over.
+        assert!(
+            std::mem::size_of::<Session>() <= 128,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+        let s = session("ann", "phone", 1);
+        s.set_mode(tether_proto::pb::HeartbeatMode::Idle as i32);
+        s.set_link(TransportKind::Ws, 45_000);
+        s.set_rtt(1_234);
+        assert_eq!(s.transport(), Some(TransportKind::Ws));
+        assert_eq!(s.mode(), "idle");
+        assert_eq!(s.interval_ms(), 45_000);
+        assert_eq!(s.rtt_us(), Some(1_200));
+        s.set_interval(1_800_000);
+        assert_eq!(s.interval_ms(), 1_800_000);
+        assert_eq!(s.transport(), Some(TransportKind::Ws));
+        assert_eq!(s.mode(), "idle");
     }
 
     #[test]

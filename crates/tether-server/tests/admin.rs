@@ -93,6 +93,7 @@ impl Device {
                 device_id: device.into(),
                 device_epoch: 1,
                 heartbeat_interval_ms: 45_000,
+                heartbeat_mode: pb::HeartbeatMode::Idle as i32,
                 ..Default::default()
             }),
             &mut out,
@@ -100,6 +101,12 @@ impl Device {
         d.s.write_all(&out).await.unwrap();
         let first = d.next().await.expect("closed during login");
         (d, first)
+    }
+
+    async fn write(&mut self, f: &Frame) {
+        let mut out = Vec::new();
+        frame::encode_to(f, &mut out);
+        self.s.write_all(&out).await.unwrap();
     }
 
     /// The next frame, or None at close (3 s at most).
@@ -192,7 +199,15 @@ async fn sessions_and_presence_describe_connected_and_known_devices() {
     assert_eq!(connected[0]["device"], "phone");
     assert_eq!(connected[0]["transport"], "tcp");
     assert_eq!(connected[0]["heartbeat_interval_ms"], 45_000);
+    assert_eq!(connected[0]["heartbeat_mode"], "idle");
     assert!(connected[0]["last_frame_ms_ago"].as_u64().unwrap() < 5_000);
+    // No PING yet: no RTT sample. After one, the kernel's RTT of the path.
+    assert_eq!(connected[0]["rtt_ms"], serde_json::Value::Null);
+    phone.write(&Frame::Ping(pb::Ping::default())).await;
+    assert!(matches!(phone.next().await, Some(Frame::Pong(_))));
+    let (_, sessions) = admin(&f, "GET", "/admin/v1/users/ann/sessions", "").await;
+    let rtt = sessions["connected"][0]["rtt_ms"].as_f64().unwrap();
+    assert!(rtt > 0.0 && rtt < 1_000.0, "{sessions}");
     let (_, presence) = admin(&f, "GET", "/admin/v1/users/ann/presence", "").await;
     assert_eq!(presence["online"], true);
     assert_eq!(presence["devices"], serde_json::json!(["phone"]));

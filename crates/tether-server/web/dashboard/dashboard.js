@@ -113,6 +113,8 @@ async function tick() {
 
   tid('sessions').textContent = String(total);
   tid('by-transport').textContent = Object.entries(sessions).map(([t, v]) => `${t} ${v}`).join(' · ');
+  const modes = byLabel(m, 'tether_sessions_by_heartbeat_mode', 'mode');
+  tid('by-mode').textContent = `heartbeat: ${Object.entries(modes).map(([k, v]) => `${k} ${v}`).join(' · ')}`;
   tid('committed').textContent = String(totals.committed);
   tid('delivered').textContent = String(totals.delivered);
   tid('logins').textContent = String(totals.logins);

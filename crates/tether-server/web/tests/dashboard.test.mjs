@@ -74,6 +74,7 @@ test('the dashboard shows live numbers during a load, and /metrics\' numbers aft
   assert.ok(m.committed >= 12, `12 messages committed: ${m.committed}`);
   assert.equal(m.sessions, 4);
   assert.match(await dash.textContent('[data-testid="by-transport"]'), /ws 4/);
+  assert.match(await dash.textContent('[data-testid="by-mode"]'), /idle 4/);
 
   const dir = resolve(new URL('.', import.meta.url).pathname, '../../../../target/web');
   mkdirSync(dir, { recursive: true });
