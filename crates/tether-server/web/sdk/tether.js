@@ -376,6 +376,8 @@ export class TetherClient extends EventTarget {
   createGroup(group, members, name = '') { return this.groupOp('GROUP_OP_CREATE', group, members, name); }
   /** Adds `members` to a group. */
   addMembers(group, members) { return this.groupOp('GROUP_OP_ADD', group, members); }
+  /** Removes `members` from a group (the owner only). */
+  removeMembers(group, members) { return this.groupOp('GROUP_OP_REMOVE', group, members); }
   /** Leaves a group. */
   leaveGroup(group) { return this.groupOp('GROUP_OP_LEAVE', group, []); }
 
