@@ -91,3 +91,18 @@ test('two pages chat in a group', async () => {
   await cy.context().close();
   await di.context().close();
 });
+
+test('a kicked page shows the reason and stays off', async () => {
+  const eve = await login('eve');
+  const res = await fetch(`${server.base}/admin/v1/users/eve/devices/${await eve.evaluate(() => window.client.device)}/kick`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ reason: 'suspicious activity' }),
+  });
+  assert.equal(res.status, 200);
+  await eve.waitForSelector('[data-testid=conn][data-state=stopped]', { timeout: 10000 });
+  assert.match(await eve.textContent('[data-testid=conn]'), /stopped: kicked: suspicious activity/);
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(await eve.getAttribute('[data-testid=conn]', 'data-state'), 'stopped');
+  await eve.context().close();
+});
