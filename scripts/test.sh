@@ -16,6 +16,7 @@ command -v ping >/dev/null 2>&1 || need_pkgs+=(iputils-ping)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # browser tests (Debian's)
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)         # playwright-core
+command -v jq >/dev/null 2>&1 || need_pkgs+=(jq)                  # picks test binaries
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]} (apt)"
   sudo_cmd=""
@@ -36,31 +37,71 @@ group() {
 }
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-group "build (tests, debug)"          cargo test --workspace --no-run --quiet
+# A fresh checkout builds once: incremental caches only cost disk there.
+[ "${CI:-}" = true ] && export CARGO_INCREMENTAL=0
+
+# Everything is built once, for the whole workspace. The groups below run the built test
+# binaries themselves: `cargo test -p X` would resolve dependency features for X alone
+# and rebuild half the dependency tree (six copies of syn, gigabytes of disk) per group.
+bins=target/test-binaries.json
+build_tests() {
+  cargo test --workspace --no-run --quiet --message-format=json-render-diagnostics >"$bins"
+}
+# run_tests PACKAGE TARGET... [-- TEST-ARGS...]: runs integration-test binaries of one
+# package the way `cargo test` does (from the package's directory), stopping at the
+# first that fails.
+run_tests() {
+  local pkg="$1"; shift
+  local -a targets=() args=()
+  while (($#)) && [ "$1" != -- ]; do targets+=("$1"); shift; done
+  (($#)) && { shift; args=("$@"); }
+  if [ "${targets[0]}" = '*' ]; then
+    mapfile -t targets < <(jq -r --arg m "/crates/$pkg/Cargo.toml" \
+      'select(.reason == "compiler-artifact" and .executable != null and .profile.test
+              and (.target.kind | index("test")) and (.manifest_path | endswith($m)))
+       | .target.name' "$bins" | sort -u)
+  fi
+  ((${#targets[@]})) || { echo "no test targets for $pkg" >&2; return 1; }
+  local t exe
+  for t in "${targets[@]}"; do
+    exe=$(jq -r --arg m "/crates/$pkg/Cargo.toml" --arg t "$t" \
+      'select(.reason == "compiler-artifact" and .executable != null and .profile.test
+              and (.target.kind | index("test")) and .target.name == $t
+              and (.manifest_path | endswith($m)))
+       | .executable' "$bins" | tail -n1)
+    [ -n "$exe" ] || { echo "test target $pkg/$t was not built" >&2; return 1; }
+    echo "     Running tests/$t.rs ($pkg)"
+    (cd "crates/$pkg" && "$exe" --quiet "${args[@]}") || return 1
+  done
+}
+
+group "build (tests, debug)"          build_tests
 group "unit (all crates)"             cargo test --workspace --lib --bins --quiet
-group "store (durability, power cut)" cargo test -p tether-store --test '*' --quiet
-group "client SDK (fake peer), transports (TLS heap)" cargo test -p tether-client -p tether-transport --test '*' --quiet
-group "server (memory + TCP, bad input, power cut; serial)" cargo test -p tether-server --test '*' --quiet -- --test-threads=1
+group "store (durability, power cut)" run_tests tether-store '*'
+client_and_transport() { run_tests tether-client '*' && run_tests tether-transport '*'; }
+group "client SDK (fake peer), transports (TLS heap)" client_and_transport
+group "server (memory + TCP, bad input, power cut; serial)" run_tests tether-server '*' -- --test-threads=1
 # The lab's scenarios run in parallel (each in its own namespaces; they mostly wait on
 # timers), everything else of the tether crate serially.
 e2e_tests=()
 for f in crates/tether/tests/*.rs; do
   t=$(basename "$f" .rs)
-  [ "$t" = lab ] || [ "$t" = chaos ] || [ "$t" = conformance ] || e2e_tests+=(--test "$t")
+  [ "$t" = lab ] || [ "$t" = chaos ] || [ "$t" = conformance ] || e2e_tests+=("$t")
 done
 # One suite, every transport: tcp, tls, ws (proto and json), wss, quic; real timing, so
 # serial.
-group "transports: conformance (tcp, tls, ws, wss, quic; serial)" cargo test -p tether --test conformance --quiet -- --test-threads=1
-group "end to end (CLI, processes; serial)" cargo test -p tether "${e2e_tests[@]}" --quiet -- --test-threads=1
-# Debian's Chromium driven by playwright-core (npm), against a real `tether serve`.
+group "transports: conformance (tcp, tls, ws, wss, quic; serial)" run_tests tether conformance -- --test-threads=1
+group "end to end (CLI, processes; serial)" run_tests tether "${e2e_tests[@]}" -- --test-threads=1
+# Debian's Chromium driven by playwright-core (npm), against a real `tether serve`
+# (target/debug/tether, built with the tests above).
 browser_tests() {
-  cargo build -p tether --quiet
+  [ -x target/debug/tether ] || { echo "target/debug/tether was not built" >&2; return 1; }
   (cd crates/tether-server/web && npm ci --no-audit --no-fund --loglevel=error && npm test)
 }
 group "browser: SDK in Chromium (playwright-core; serial)" browser_tests
-group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" cargo test -p tether --test chaos --quiet -- --test-threads=1 --nocapture
-group "network lab (root: namespaces, NAT; parallel)" cargo test -p tether-lab --test '*' --quiet
-group "smart heartbeat on a real NAT (root; parallel scenarios)" cargo test -p tether --test lab --quiet -- --test-threads=16
+group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" run_tests tether chaos -- --test-threads=1 --nocapture
+group "network lab (root: namespaces, NAT; parallel)" run_tests tether-lab '*'
+group "smart heartbeat on a real NAT (root; parallel scenarios)" run_tests tether lab -- --test-threads=16
 
 echo
 echo "== test group times"
