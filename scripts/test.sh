@@ -43,8 +43,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Everything is built once, for the whole workspace. The groups below run the built test
 # binaries themselves: `cargo test -p X` would resolve dependency features for X alone
 # and rebuild half the dependency tree (six copies of syn, gigabytes of disk) per group.
-bins=target/test-binaries.json
+target_dir="${CARGO_TARGET_DIR:-target}"
+bins="$target_dir/test-binaries.json"
 build_tests() {
+  mkdir -p "$target_dir"
   cargo test --workspace --no-run --quiet --message-format=json-render-diagnostics >"$bins"
 }
 # run_tests PACKAGE TARGET... [-- TEST-ARGS...]: runs integration-test binaries of one
@@ -93,10 +95,13 @@ done
 group "transports: conformance (tcp, tls, ws, wss, quic; serial)" run_tests tether conformance -- --test-threads=1
 group "end to end (CLI, processes; serial)" run_tests tether "${e2e_tests[@]}" -- --test-threads=1
 # Debian's Chromium driven by playwright-core (npm), against a real `tether serve`
-# (target/debug/tether, built with the tests above).
+# (the debug build made with the tests above).
 browser_tests() {
-  [ -x target/debug/tether ] || { echo "target/debug/tether was not built" >&2; return 1; }
-  (cd crates/tether-server/web && npm ci --no-audit --no-fund --loglevel=error && npm test)
+  local bin
+  bin="$(realpath "$target_dir")/debug/tether"
+  [ -x "$bin" ] || { echo "$bin was not built" >&2; return 1; }
+  (cd crates/tether-server/web && npm ci --no-audit --no-fund --loglevel=error &&
+    TETHER_BIN="$bin" npm test)
 }
 group "browser: SDK in Chromium (playwright-core; serial)" browser_tests
 group "chaos: kills, SIGKILLs, power cuts, lossy NAT (root; serial)" run_tests tether chaos -- --test-threads=1 --nocapture
