@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
+use serde_json::{Value, json};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,7 +154,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             seconds,
             durability,
             target,
-        } => latency(pairs, rate, seconds, durability, &target).await,
+        } => latency(Shape::Pairs(pairs), rate, seconds, durability, &target).await,
         Which::Fanout {
             members,
             messages,
@@ -470,8 +471,78 @@ pub(crate) async fn throughput(
     }))
 }
 
+/// Who sends to whom in a latency run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Shape {
+    /// Pairs: each sender sends 1:1 to its own receiver.
+    Pairs(usize),
+    /// Groups of `members`: one member sends to the group, every other member's device
+    /// receives a copy.
+    Groups { groups: usize, members: usize },
+}
+
+impl Shape {
+    fn units(self) -> usize {
+        match self {
+            Shape::Pairs(n) => n,
+            Shape::Groups { groups, .. } => groups,
+        }
+    }
+    fn receivers_per_unit(self) -> usize {
+        match self {
+            Shape::Pairs(_) => 1,
+            Shape::Groups { members, .. } => members.saturating_sub(1),
+        }
+    }
+}
+
+/// What the receiving devices of a latency run got, and whether it came exactly once
+/// and in order (summed over receivers as they go: they are aborted at the end).
+#[derive(Default)]
+struct Received {
+    messages: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    gaps: AtomicU64,
+}
+
+/// Creates `group` owned by the sender's connection, with `members` in it, and waits
+/// for the server to confirm.
+async fn create_group(
+    owner: &mut TcpTransport,
+    group: &str,
+    members: &[String],
+) -> Result<(), String> {
+    let mut cmid = [0u8; 16];
+    cmid[..8].copy_from_slice(&rand::random::<u64>().to_le_bytes());
+    owner
+        .send(&Frame::GroupChange(pb::GroupChange {
+            client_msg_id: Bytes::copy_from_slice(&cmid),
+            group: group.into(),
+            op: pb::GroupOp::Create as i32,
+            members: members.to_vec(),
+            name: String::new(),
+        }))
+        .map_err(|e| e.to_string())?;
+    flush(owner).await.map_err(|e| e.to_string())?;
+    loop {
+        let raw = recv(owner)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("owner closed")?;
+        match frame::from_raw(&raw).map_err(|e| e.to_string())? {
+            Frame::SendAck(_) => return Ok(()),
+            Frame::Error(e) => return Err(format!("group create refused: {}", e.reason)),
+            _ => {}
+        }
+    }
+}
+
+/// Paced 1:1 or group messages; latency is SEND written → DELIVER read, per copy (the
+/// send time travels in the body), and each receiver checks that its copies came
+/// exactly once and in order.
 pub(crate) async fn latency(
-    pairs: usize,
+    shape: Shape,
     rate: u64,
     seconds: u64,
     durability: Durability,
@@ -481,60 +552,107 @@ pub(crate) async fn latency(
     let run: u32 = rand::random();
     let epoch = Instant::now();
     let steal_before = crate::hiccups::steal_ms();
+    let units = shape.units().max(1);
     let total = rate * seconds;
-    let per_pair_interval = Duration::from_secs_f64(pairs as f64 / rate as f64);
-    let samples = Arc::new(parking_samples(total as usize));
+    let per_unit_interval = Duration::from_secs_f64(units as f64 / rate as f64);
+    let per_unit = total / units as u64;
+    let expected = per_unit * (units * shape.receivers_per_unit()) as u64;
+    let samples = Arc::new(parking_samples(expected as usize));
+    let received = Arc::new(Received::default());
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
-    for i in 0..pairs {
-        let mut rx = server.login(&format!("r{i}-{run:x}"), "bench").await?;
-        let tx = server.login(&format!("s{i}-{run:x}"), "bench").await?;
-        let samples = samples.clone();
-        receivers.push(tokio::spawn(async move {
-            loop {
-                let raw = match recv(&mut rx).await {
-                    Ok(Some(raw)) => raw,
-                    _ => return,
-                };
-                if let Ok(Frame::Deliver(d)) = frame::from_raw(&raw) {
+    for i in 0..units {
+        let (tx, target, rx_users) = match shape {
+            Shape::Pairs(_) => {
+                let rx = format!("r{i}-{run:x}");
+                let tx = server.login(&format!("s{i}-{run:x}"), "bench").await?;
+                (tx, pb::send::Target::User(rx.clone()), vec![rx])
+            }
+            Shape::Groups { members, .. } => {
+                let group = format!("g{i}-{run:x}");
+                let users: Vec<String> = (1..members).map(|m| format!("{group}-m{m}")).collect();
+                let mut tx = server.login(&format!("{group}-m0"), "bench").await?;
+                create_group(&mut tx, &group, &users).await?;
+                (tx, pb::send::Target::Group(group), users)
+            }
+        };
+        for user in rx_users {
+            let mut rx = server.login(&user, "bench").await?;
+            let (samples, got) = (samples.clone(), received.clone());
+            receivers.push(tokio::spawn(async move {
+                let bump = |a: &AtomicU64| a.fetch_add(1, Ordering::Relaxed);
+                let (mut last_seq, mut last_n) = (0u64, None::<u64>);
+                loop {
+                    let raw = match recv(&mut rx).await {
+                        Ok(Some(raw)) => raw,
+                        _ => return,
+                    };
+                    let Ok(Frame::Deliver(d)) = frame::from_raw(&raw) else {
+                        continue;
+                    };
                     let Some(entry) = d.entry else { continue };
-                    let sent_ns = entry
-                        .body
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_le_bytes)
-                        .unwrap_or(0);
-                    let now_ns = epoch.elapsed().as_nanos() as u64;
-                    samples.push(now_ns.saturating_sub(sent_ns));
-
+                    // The inbox itself: every seq once, one after the other.
+                    if entry.seq <= last_seq {
+                        bump(&got.duplicates);
+                        continue;
+                    }
+                    if last_seq != 0 && entry.seq != last_seq + 1 {
+                        bump(&got.gaps);
+                    }
+                    last_seq = entry.seq;
                     let _ = rx.send(&Frame::Ack(pb::Ack { seq: entry.seq }));
                     let _ = flush(&mut rx).await;
+                    if entry.r#type != pb::EntryType::Message as i32 {
+                        continue; // the group's creation
+                    }
+                    let word = |at: usize| {
+                        entry
+                            .body
+                            .get(at..at + 8)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u64::from_le_bytes)
+                    };
+                    let (Some(sent_ns), Some(n)) = (word(0), word(8)) else {
+                        continue;
+                    };
+                    // The sender's own numbering: each message once, in order.
+                    match last_n {
+                        Some(prev) if n == prev => {
+                            bump(&got.duplicates);
+                        }
+                        Some(prev) if n < prev => {
+                            bump(&got.out_of_order);
+                        }
+                        _ => {}
+                    }
+                    last_n = Some(last_n.map_or(n, |prev| prev.max(n)));
+                    bump(&got.messages);
+                    let now_ns = epoch.elapsed().as_nanos() as u64;
+                    samples.push(now_ns.saturating_sub(sent_ns));
                 }
-            }
-        }));
-        senders.push(tx);
+            }));
+        }
+        senders.push(((tx, target), i));
     }
     let mut tasks = Vec::new();
-    let per_pair = total / pairs as u64;
-    for (i, mut tx) in senders.into_iter().enumerate() {
-        let offset = per_pair_interval.mul_f64(i as f64 / pairs as f64);
+    for ((mut tx, target), i) in senders {
+        let offset = per_unit_interval.mul_f64(i as f64 / units as f64);
         tasks.push(tokio::spawn(async move {
             let start = tokio::time::Instant::now() + offset;
-            let mut ticker = tokio::time::interval_at(start, per_pair_interval);
+            let mut ticker = tokio::time::interval_at(start, per_unit_interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut acks = 0u64;
-            for n in 0..per_pair {
+            for n in 0..per_unit {
                 ticker.tick().await;
                 let now_ns = epoch.elapsed().as_nanos() as u64;
                 let mut body = now_ns.to_le_bytes().to_vec();
+                body.extend_from_slice(&n.to_le_bytes());
                 body.resize(64, b'x');
-                if tx
-                    .send(&send_frame(&format!("r{i}-{run:x}"), n, Bytes::from(body)))
-                    .is_err()
-                {
-                    return acks;
-                }
-                if flush(&mut tx).await.is_err() {
+                let Frame::Send(mut send) = send_frame("", n, Bytes::from(body)) else {
+                    unreachable!("send_frame makes a SEND")
+                };
+                send.target = Some(target.clone());
+                if tx.send(&Frame::Send(send)).is_err() || flush(&mut tx).await.is_err() {
                     return acks;
                 }
                 // Drain SEND_ACKs without blocking the schedule (and without a timer:
@@ -555,12 +673,13 @@ pub(crate) async fn latency(
     }
     // Let the last deliveries land.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (samples.len() as u64) < per_pair * pairs as u64 && Instant::now() < deadline {
+    while (samples.len() as u64) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for r in receivers {
         r.abort();
     }
+    let seen = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let server_metrics: Vec<String> = server
         .metrics()
         .map(|m| m.render())
@@ -582,13 +701,25 @@ pub(crate) async fn latency(
         let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
         (lat[i] as f64 / 1e3).round() / 1e3
     };
+    let (pairs, groups, members) = match shape {
+        Shape::Pairs(n) => (json!(n), Value::Null, Value::Null),
+        Shape::Groups { groups, members } => (Value::Null, json!(groups), json!(members)),
+    };
     Ok(serde_json::json!({
         "bench": "latency",
         "durability": durability.to_string(),
         "pairs": pairs,
+        "groups": groups,
+        "members": members,
         "rate_per_sec": rate,
-        "expected": per_pair * pairs as u64,
+        "sent": per_unit * units as u64,
+        "expected": expected,
         "delivered": lat.len(),
+        "sessions": units * (1 + shape.receivers_per_unit()),
+        "received_messages": seen(&received.messages),
+        "duplicates": seen(&received.duplicates),
+        "out_of_order": seen(&received.out_of_order),
+        "inbox_gaps": seen(&received.gaps),
         "p50_ms": pct(0.50),
         "p90_ms": pct(0.90),
         "p99_ms": pct(0.99),
@@ -621,29 +752,7 @@ async fn fanout(
 
         // The owner creates the group with everyone in it.
         let mut owner = server.login(&users[0], "tx").await?;
-        let mut cmid = [0u8; 16];
-        cmid[..8].copy_from_slice(&rand::random::<u64>().to_le_bytes());
-        owner
-            .send(&Frame::GroupChange(pb::GroupChange {
-                client_msg_id: Bytes::copy_from_slice(&cmid),
-                group: group.clone(),
-                op: pb::GroupOp::Create as i32,
-                members: users[1..].to_vec(),
-                name: String::new(),
-            }))
-            .map_err(|e| e.to_string())?;
-        flush(&mut owner).await.map_err(|e| e.to_string())?;
-        loop {
-            let raw = recv(&mut owner)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("owner closed")?;
-            match frame::from_raw(&raw).map_err(|e| e.to_string())? {
-                Frame::SendAck(_) => break,
-                Frame::Error(e) => return Err(format!("group create refused: {}", e.reason)),
-                _ => {}
-            }
-        }
+        create_group(&mut owner, &group, &users[1..]).await?;
 
         // Every member's "rx" device receives and ACKs, like an app would.
         let mut receivers = Vec::new();

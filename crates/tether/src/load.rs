@@ -49,6 +49,10 @@ pub enum Pattern {
     Pairs,
     /// One-pair throughput ceiling: `--messages` pipelined (lean clients).
     OnePair,
+    /// Group fan-out latency: `--groups` groups of `--members`; one member of each
+    /// sends to its group, `--rate` messages/s in all, and every other member receives
+    /// (lean clients; each copy timed and checked for exactly-once, in-order).
+    Groups,
     /// In memory only: PINGs as fast as the server answers them, for the heartbeat
     /// rate per core.
     Flood,
@@ -83,6 +87,11 @@ pub struct LoadArgs {
     /// Pairs: messages per second in all.
     #[arg(long, default_value_t = 5000)]
     rate: u64,
+    /// Groups: groups, and members in each (the sender included).
+    #[arg(long, default_value_t = 100)]
+    groups: usize,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=500))]
+    members: u64,
     /// One-pair: messages.
     #[arg(long, default_value_t = 200_000)]
     messages: u64,
@@ -136,7 +145,7 @@ pub async fn run(args: LoadArgs) -> BenchResult {
         ("memory", Pattern::Idle) => memory_idle(&args).await?,
         ("memory", p) => return Err(format!("--transport memory runs idle or flood, not {p:?}")),
         (_, Pattern::Flood) => return Err("--pattern flood runs over --transport memory".into()),
-        (_, Pattern::Pairs | Pattern::OnePair) => lean_pattern(&args).await?,
+        (_, Pattern::Pairs | Pattern::OnePair | Pattern::Groups) => lean_pattern(&args).await?,
         (_, Pattern::Idle | Pattern::Chat) => sockets(&args).await?,
     };
     let markdown = markdown(&report);
@@ -1142,7 +1151,7 @@ async fn worker_inner(args: WorkerArgs) -> BenchResult {
 
 async fn lean_pattern(args: &LoadArgs) -> BenchResult {
     if args.transport != "tcp" {
-        return Err("--pattern pairs and one-pair run over tcp".into());
+        return Err("--pattern pairs, groups and one-pair run over tcp".into());
     }
     let machine = machine();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -1162,15 +1171,15 @@ async fn lean_pattern(args: &LoadArgs) -> BenchResult {
     let cpu0 = cpu_of(&pid)?;
     let started = Instant::now();
     let inner = match args.pattern {
-        Pattern::Pairs => {
-            crate::bench::latency(
-                args.pairs,
-                args.rate,
-                args.duration,
-                args.durability,
-                &target,
-            )
-            .await?
+        Pattern::Pairs | Pattern::Groups => {
+            let shape = match args.pattern {
+                Pattern::Pairs => crate::bench::Shape::Pairs(args.pairs),
+                _ => crate::bench::Shape::Groups {
+                    groups: args.groups,
+                    members: args.members as usize,
+                },
+            };
+            crate::bench::latency(shape, args.rate, args.duration, args.durability, &target).await?
         }
         _ => {
             crate::bench::throughput(args.messages, 2048, args.durability, args.body, &target)
@@ -1179,7 +1188,8 @@ async fn lean_pattern(args: &LoadArgs) -> BenchResult {
     };
     let cpu = cpu_of(&pid)?.saturating_sub(cpu0);
     let us = |k: &str| inner[k].as_f64().map(|ms| (ms * 1000.0).round());
-    let latency = if args.pattern == Pattern::Pairs {
+    let timed = matches!(args.pattern, Pattern::Pairs | Pattern::Groups);
+    let latency = if timed {
         json!({"count": inner["delivered"], "p50": us("p50_ms"), "p99": us("p99_ms"), "p999": us("p999_ms"), "max": us("max_ms")})
     } else {
         Value::Null
@@ -1190,8 +1200,19 @@ async fn lean_pattern(args: &LoadArgs) -> BenchResult {
         "pattern": format!("{:?}", args.pattern).to_lowercase(),
         "durability": args.durability.to_string(),
         "machine": machine,
-        "pairs": if args.pattern == Pattern::Pairs { json!(args.pairs) } else { json!(1) },
-        "rate_per_sec": if args.pattern == Pattern::Pairs { json!(args.rate) } else { Value::Null },
+        "connections": inner.get("sessions").cloned().unwrap_or(json!(2)),
+        "pairs": match args.pattern { Pattern::Pairs => json!(args.pairs), Pattern::OnePair => json!(1), _ => Value::Null },
+        "groups": if args.pattern == Pattern::Groups { json!({"groups": args.groups, "members": args.members}) } else { Value::Null },
+        "rate_per_sec": if timed { json!(args.rate) } else { Value::Null },
+        "delivery": if timed {
+            json!({
+                "sent": inner["sent"], "expected_copies": inner["expected"],
+                "received_copies": inner["received_messages"], "duplicates": inner["duplicates"],
+                "out_of_order": inner["out_of_order"], "inbox_gaps": inner["inbox_gaps"],
+            })
+        } else {
+            Value::Null
+        },
         "latency_us": latency,
         "msgs_per_sec": inner.get("msgs_per_sec").cloned().unwrap_or(Value::Null),
         "server_cpu_s": (cpu.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -1211,6 +1232,8 @@ fn clone_args(a: &LoadArgs) -> LoadArgs {
         duration: a.duration,
         msg_rate: a.msg_rate,
         pairs: a.pairs,
+        groups: a.groups,
+        members: a.members,
         rate: a.rate,
         messages: a.messages,
         body: a.body,
@@ -1635,7 +1658,11 @@ fn markdown(r: &Value) -> String {
         "pongs_per_server_cpu_second",
         "deadlines_expired",
         "ping_rtt_us",
+        "pairs",
+        "groups",
+        "rate_per_sec",
         "latency_us",
+        "delivery",
         "msgs_per_sec",
         "server_cpu_s",
         "client_cpu_s",

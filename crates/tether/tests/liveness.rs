@@ -76,7 +76,7 @@ fn a_silent_session_is_closed_within_its_deadline_bounds() {
         "presence gone"
     );
     assert!(
-        server.log().contains("liveness deadline passed"),
+        server.wait_log("liveness deadline passed", Duration::from_secs(5)),
         "logged with its reason"
     );
 }

@@ -188,6 +188,42 @@ fn in_memory_sessions_are_held_and_heartbeat_in_one_process() {
 }
 
 #[test]
+fn group_fan_out_is_timed_per_copy_and_every_copy_arrives_once_in_order() {
+    // 8 groups of 6: each group's sender sends to the group, 5 members receive.
+    let r = load(&[
+        "--transport",
+        "tcp",
+        "--pattern",
+        "groups",
+        "--groups",
+        "8",
+        "--members",
+        "6",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--durability",
+        "relaxed",
+    ]);
+    let d = &r["delivery"];
+    // 200/s for 2 s over 8 groups: 50 messages each, 5 copies of each.
+    assert_eq!(u(&d["sent"]), 400, "{r}");
+    assert_eq!(u(&d["expected_copies"]), 2000, "{r}");
+    assert_eq!(u(&d["received_copies"]), 2000, "{r}");
+    assert_eq!(u(&d["duplicates"]), 0, "{r}");
+    assert_eq!(u(&d["out_of_order"]), 0, "{r}");
+    assert_eq!(u(&d["inbox_gaps"]), 0, "{r}");
+    assert_eq!(u(&r["latency_us"]["count"]), 2000, "{r}");
+    let (p50, max) = (
+        r["latency_us"]["p50"].as_f64().unwrap(),
+        r["latency_us"]["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= max, "{r}");
+    assert_eq!(r["groups"], serde_json::json!({"groups": 8, "members": 6}));
+}
+
+#[test]
 fn bad_arguments_are_refused_with_a_reason() {
     let out = common::tether()
         .args([

@@ -132,6 +132,22 @@ impl ServerProc {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the server logs `needle` within `within`. Its log reaches us through a
+    /// pipe and a reader thread, so a line can trail what the server did (a metric, a
+    /// reply) by a moment. Polls; fine in async tests too (short sleeps).
+    pub fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// A token for `user` from this server's data dir.
     pub fn token(&self, user: &str) -> String {
         let out = tether()
