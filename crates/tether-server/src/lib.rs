@@ -18,6 +18,7 @@ pub mod connection;
 pub mod deadlines;
 mod devices;
 mod listeners;
+pub use listeners::serve_tls;
 pub mod metrics;
 pub mod probe;
 pub mod registry;

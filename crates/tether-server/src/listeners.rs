@@ -21,7 +21,7 @@ use tether_proto::PRE_AUTH_MAX_FRAME;
 use tether_transport::TransportKind;
 use tether_transport::quic;
 use tether_transport::tcp::StreamTransport;
-use tether_transport::tls::{LeanTlsStream, TlsAcceptor};
+use tether_transport::tls::{LeanTlsStream, TlsAcceptor, TlsServerTransport};
 use tether_transport::ws::{self, Encoding, WsFailure, WsMessage, WsSocket, WsTransport};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -39,25 +39,39 @@ pub(crate) async fn tls_accept_loop(
                 crate::tune_accepted(&stream, shared.config.tcp_user_timeout);
                 let config = config.clone();
                 let shared = shared.clone();
-                tokio::spawn(async move {
-                    let deadline = shared.config.login_deadline;
-                    let handshake = LeanTlsStream::accept(stream, config);
-                    let tls = handshake_outcome(
-                        &shared,
-                        peer,
-                        tokio::time::timeout(deadline, handshake).await,
-                    );
-                    if let Some(tls) = tls {
-                        let t = StreamTransport::server(tls, PRE_AUTH_MAX_FRAME);
-                        connection::serve(shared, t).await
-                    }
-                });
+                tokio::spawn(serve_tls(shared, config, stream, peer));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// Completes the TLS handshake of an accepted connection, then serves it as a session.
+///
+/// This is the connection's task for its whole life, so what it holds through the idle
+/// phase counts per session: the handshake is boxed (its state is freed when it ends)
+/// and so is the TLS stream (see [`TlsServerTransport`]); the future stays within a few
+/// hundred bytes of the plain TCP one (test `connection_future_stays_small`).
+pub async fn serve_tls(
+    shared: Arc<Shared>,
+    config: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let deadline = shared.config.login_deadline;
+    let handshake =
+        Box::pin(async move { LeanTlsStream::accept(stream, config).await.map(Box::new) });
+    let tls = handshake_outcome(
+        &shared,
+        peer,
+        tokio::time::timeout(deadline, handshake).await,
+    );
+    if let Some(tls) = tls {
+        let t: TlsServerTransport = StreamTransport::server(tls, PRE_AUTH_MAX_FRAME);
+        connection::serve(shared, t).await
     }
 }
 
@@ -104,7 +118,10 @@ pub(crate) async fn quic_accept_loop(endpoint: quic::Endpoint, shared: Arc<Share
         tokio::spawn(async move {
             let peer = incoming.remote_address();
             let deadline = shared.config.login_deadline;
-            match tokio::time::timeout(deadline, quic::accept(incoming, PRE_AUTH_MAX_FRAME)).await {
+            // Boxed: the handshake's state is freed when it ends, not kept in the
+            // session's task.
+            let handshake = Box::pin(quic::accept(incoming, PRE_AUTH_MAX_FRAME));
+            match tokio::time::timeout(deadline, handshake).await {
                 Ok(Ok(t)) => connection::serve(shared, t).await,
                 Ok(Err(e)) => {
                     shared.metrics.tls_handshake_failures.inc();

@@ -445,6 +445,33 @@ async fn connection_future_stays_small() {
         size <= 384,
         "the per-connection future grew to {size} bytes"
     );
+
+    // A TLS connection's task, handshake included: the rustls state (about 1.2 KB
+    // inline) must live once on the heap, not in the future (it was 3,992 B when the
+    // stream was inline: the transport had three slots in it).
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = tether_transport::tls::self_signed(&["127.0.0.1".into()], 1).unwrap();
+    std::fs::write(dir.path().join("c.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("k.pem"), key).unwrap();
+    let config = tether_transport::tls::server_config(
+        &dir.path().join("c.pem"),
+        &dir.path().join("k.pem"),
+        &[tether_transport::tls::ALPN],
+    )
+    .unwrap();
+    let (client, accepted) = tokio::join!(
+        tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let _client = client.unwrap();
+    let (stream, peer) = accepted.unwrap();
+    let fut = tether_server::serve_tls(f.server.shared().clone(), config, stream, peer);
+    let size = std::mem::size_of_val(&fut);
+    println!("a TLS connection's task (handshake, then serve()): {size} bytes");
+    assert!(
+        size <= 512,
+        "the TLS connection's future grew to {size} bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,25 @@ impl StreamIo for TcpStream {
     }
 }
 
+/// A boxed stream: for streams with a large state (TLS), kept once on the heap. A
+/// session's future can hold its transport in more than one place (an `async fn`'s
+/// arguments keep their room for the future's whole life), so a large inline stream
+/// would cost that many times over.
+impl<S: StreamIo> StreamIo for Box<S> {
+    fn kind(&self) -> TransportKind {
+        (**self).kind()
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+    fn tcp_snapshot(&self) -> Option<tether_core::diagnosis::TcpSnapshot> {
+        (**self).tcp_snapshot()
+    }
+    fn rebind(&mut self) -> Option<io::Result<SocketAddr>> {
+        (**self).rebind()
+    }
+}
+
 /// Whole frames over a byte stream.
 #[derive(Debug)]
 pub struct StreamTransport<S> {

@@ -241,8 +241,9 @@ impl std::fmt::Debug for LeanTlsStream {
     }
 }
 
-/// Whole frames over TLS, server side.
-pub type TlsServerTransport = StreamTransport<LeanTlsStream>;
+/// Whole frames over TLS, server side. The stream is boxed: its rustls state is about
+/// 1.2 KB inline, and a session's future would otherwise hold it in several places.
+pub type TlsServerTransport = StreamTransport<Box<LeanTlsStream>>;
 
 fn tls_io(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
@@ -621,7 +622,7 @@ mod tests {
         let host = addr.to_string();
         let connect = connect_transport(client, &host, addr, 1 << 20);
         let (s, c) = tokio::join!(accept, connect);
-        (StreamTransport::server(s, 1 << 20), c.unwrap())
+        (StreamTransport::server(Box::new(s), 1 << 20), c.unwrap())
     }
 
     fn rand_suffix() -> u64 {
