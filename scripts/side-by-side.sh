@@ -368,6 +368,7 @@ lines.append("")
 header = ["server / mode", "bytes per idle connection", "CPU µs per ping",
           "ping RTT p99 (µs)",
           "p99 latency (µs), %s msg/s over %s pairs" % (env["RATE"], env["PAIRS"]),
+          "steal in the latency run (ms)",
           "one-pair msg/s"]
 lines.append("| " + " | ".join(header) + " |")
 lines.append("|" + "---|" * len(header))
@@ -381,6 +382,7 @@ for label, idle, latency, throughput in rows:
         cell(idle, "server_cpu_us_per_ping", fmt="{:.2f}"),
         cell(idle, "ping_rtt_us", "p99"),
         cell(latency, "latency_us", "p99"),
+        cell(latency, "steal_ms_all_cpus"),
         cell(throughput, "msgs_per_sec"),
     ]) + " |")
     for run in (idle, latency, throughput):
@@ -392,7 +394,9 @@ lines.append("Bytes per idle connection: server RSS growth from a tenth connecte
              "over the window ÷ keepalives answered in it. Tether's two rows share one idle run "
              "(durability does not apply to keepalives). n/a: the run gave no such number "
              "(async-nats exposes no ping round trip; a window shorter than the keepalive has "
-             "no pings).")
+             "no pings). Steal: CPU time the VM's host took from all vCPUs during the latency "
+             "window (/proc/stat); a latency tail on this machine follows it (`tether bench "
+             "hiccups`).")
 lines.append("")
 lines.append("Runs (UTC start, load average before):")
 lines.append("")

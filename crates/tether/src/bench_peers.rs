@@ -803,6 +803,8 @@ async fn latency(target: &Arc<Target>, args: &PeerArgs) -> Result<Value, String>
 
     tokio::time::sleep_until(record_from.into()).await;
     let cpu_before = pid.as_deref().map(cpu_of).transpose()?;
+    // The host's share of the window (see `bench hiccups`): the tail follows it.
+    let steal_before = crate::hiccups::steal_ms();
     while Instant::now() < record_until {
         tokio::time::sleep(PROGRESS_EVERY.min(record_until - Instant::now())).await;
         eprintln!(
@@ -815,6 +817,7 @@ async fn latency(target: &Arc<Target>, args: &PeerArgs) -> Result<Value, String>
         (Some(pid), Some(before)) => Some(cpu_of(pid)?.saturating_sub(before)),
         _ => None,
     };
+    let steal_ms = crate::hiccups::steal_ms().saturating_sub(steal_before);
     tokio::time::sleep(DRAIN).await;
     // A sender stuck behind a full request queue must not hold the report back.
     senders.shutdown().await;
@@ -840,6 +843,7 @@ async fn latency(target: &Arc<Target>, args: &PeerArgs) -> Result<Value, String>
         "lost": sent.saturating_sub(received),
         "errors": failed + flow.errors.load(Ordering::Relaxed),
         "server_cpu_s": cpu.map(|c| c.as_secs_f64()),
+        "steal_ms_all_cpus": steal_ms,
     }))
 }
 
