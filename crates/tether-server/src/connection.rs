@@ -203,14 +203,22 @@ fn now_ms() -> u64 {
 
 /// Serves one connection until it closes. Generic over the transport: TCP and the
 /// in-memory pipe take exactly this path.
-pub async fn serve<T: Transport>(shared: Arc<Shared>, t: T) {
+pub fn serve<T: Transport>(shared: Arc<Shared>, t: T) -> impl Future<Output = ()> + Send {
+    // An `async fn` keeps room for its arguments for its whole life, even once they
+    // are moved out: passed by value, the transport would take a second slot in every
+    // session's future. Boxed, that slot is a pointer, and the box is freed when the
+    // login phase takes the transport out of it.
+    serve_boxed(shared, Box::new(t))
+}
+
+async fn serve_boxed<T: Transport>(shared: Arc<Shared>, t: Box<T>) {
     shared.metrics.connections_accepted.inc();
     shared.metrics.connections_open.inc();
     // The login and closing phases are boxed: their timers live on the heap only while
     // they run, so what the task holds through the long idle phase is just `Conn`.
     // Matched in place, never moved: a moved-from copy would still take room in
     // this future for the session's whole life.
-    let mut outcome = Box::pin(login(&shared, t)).await;
+    let mut outcome = Box::pin(login(&shared, *t)).await;
     let close = match &mut outcome {
         Login::Probe(t, ticket) => {
             let close = Box::pin(crate::probe::run(&shared, t, ticket)).await;
