@@ -17,6 +17,7 @@ command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)      # browser tests (Debian's)
 command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)         # playwright-core
 command -v jq >/dev/null 2>&1 || need_pkgs+=(jq)                  # picks test binaries
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)        # TLS interop test
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]} (apt)"
   sudo_cmd=""

@@ -237,6 +237,8 @@ impl CommitWorker {
             }
             let chunk = if stopping { usize::MAX } else { CURSOR_CHUNK };
             self.write_cursors(&mut flushing, chunk);
+            let pending = flushing.len() + self.cursors.lock().len();
+            self.metrics.cursor_writes_pending.set(pending as i64);
             if !stopping && last_compaction.elapsed() >= self.retention.interval {
                 // Compaction must see where every device is, including one that just
                 // logged in and holds entries back: write every pending cursor first.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub ws_upgrades_refused: Counter,
     /// QUIC sessions whose client moved to a new address (kept in step at scrape time).
     pub quic_migrations: Counter,
+    /// Device cursor moves not yet written to the store (set by the commit thread).
+    pub cursor_writes_pending: Gauge,
     /// Connections closed, by reason (`Close::label`).
     disconnects: Family<Labels, Counter>,
     /// Logged-in sessions now, by transport.
@@ -89,6 +91,7 @@ impl Default for Metrics {
             tls_handshake_failures: Counter::default(),
             ws_upgrades_refused: Counter::default(),
             quic_migrations: Counter::default(),
+            cursor_writes_pending: Gauge::default(),
             disconnects: Family::default(),
             sessions: Family::default(),
             sessions_by_mode: Family::default(),
@@ -173,6 +176,11 @@ impl Default for Metrics {
             "quic_migrations",
             "QUIC sessions whose client moved to a new address without reconnecting",
             m.quic_migrations.clone(),
+        );
+        registry.register(
+            "cursor_writes_pending",
+            "Device cursor moves (logins, ACKs) not yet written to the store",
+            m.cursor_writes_pending.clone(),
         );
         registry.register(
             "sessions_expired",

@@ -19,6 +19,7 @@
 
 pub mod memory;
 pub mod quic;
+mod records;
 pub mod tcp;
 pub mod tls;
 pub mod ws;

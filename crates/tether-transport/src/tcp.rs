@@ -144,6 +144,11 @@ impl<S: StreamIo> StreamTransport<S> {
         &self.io
     }
 
+    /// The underlying stream, to change.
+    pub fn io_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
     /// Takes the next frame (or checks the preamble) out of `buf`, returning it and the
     /// bytes consumed. `Ok((None, 0))` means more bytes are needed.
     fn take(&mut self, buf: &[u8]) -> Result<(Option<RawFrame>, usize), TransportError> {

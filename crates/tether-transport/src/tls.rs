@@ -7,6 +7,7 @@
 //! roots. There is no switch to skip verification.
 
 use crate::TransportKind;
+use crate::records::OwnRecords;
 use crate::tcp::{StreamIo, StreamTransport, tcp_info};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -100,6 +101,9 @@ pub fn server_config(
     // memory for connections that live for hours.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
+    // A TLS 1.3 session over TCP leaves rustls's record layer for Tether's smaller one
+    // (`LeanTlsStream`), which needs its traffic secrets.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -212,20 +216,26 @@ pub fn self_signed(hosts: &[String], days: u32) -> io::Result<(String, String)> 
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// The server side of TLS over TCP, on rustls's unbuffered API so that an idle session
-/// holds no buffer at all (DESIGN §10): ciphertext is read into the caller's buffer
-/// (the per-thread scratch of [`StreamTransport`]) and the plaintext is put back in
-/// its place; only the tail of a partial record is kept, and only until it completes;
-/// outgoing records exist only until the socket takes them. What stays per session is rustls's state
-/// (keys, sequence numbers).
+/// The server side of TLS over TCP, holding no buffer while idle (DESIGN §10):
+/// ciphertext is read into the caller's buffer (the per-thread scratch of
+/// [`StreamTransport`]) and the plaintext is put back in its place; only the tail of a
+/// partial record is kept, and only until it completes; outgoing records exist only
+/// until the socket takes them.
+///
+/// rustls runs the handshake on its unbuffered API. A TLS 1.3 session then moves to
+/// Tether's own record layer over rustls's kernel-TLS interface ([`crate::records`]),
+/// so what stays per session is its traffic keys, sequence numbers and rustls's key
+/// schedule; a TLS 1.2 session stays on rustls's connection.
 ///
 /// rustls's buffered connection keeps a read buffer of at least 4 KiB for the life of
 /// the connection, which alone is the whole DESIGN §8 budget for a TLS session.
 pub struct LeanTlsStream {
     tcp: TcpStream,
-    conn: rustls::server::UnbufferedServerConnection,
+    records: Records,
     /// Ciphertext not yet processed (a partial record); empty when idle.
     tls_in: Vec<u8>,
+    /// Plaintext that came with the handshake's last flight, not yet read.
+    early: Vec<u8>,
     /// Ciphertext waiting for the socket; empty when idle.
     out: Vec<u8>,
     outpos: usize,
@@ -233,16 +243,25 @@ pub struct LeanTlsStream {
     eof: bool,
 }
 
+/// Who seals and opens a session's records.
+enum Records {
+    /// TLS 1.3: Tether's record layer; rustls keeps the key schedule.
+    Own(Box<OwnRecords>),
+    /// TLS 1.2: rustls's connection (about 1.2 KB, and its keys beside it).
+    Rustls(Box<rustls::server::UnbufferedServerConnection>),
+}
+
 impl std::fmt::Debug for LeanTlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LeanTlsStream")
             .field("peer", &self.tcp.peer())
+            .field("own_records", &matches!(self.records, Records::Own(_)))
             .finish_non_exhaustive()
     }
 }
 
-/// Whole frames over TLS, server side. The stream is boxed: its rustls state is about
-/// 1.2 KB inline, and a session's future would otherwise hold it in several places.
+/// Whole frames over TLS, server side. The stream is boxed, so that a session's
+/// future holds one pointer to it, not the stream in several places.
 pub type TlsServerTransport = StreamTransport<Box<LeanTlsStream>>;
 
 fn tls_io(e: impl std::fmt::Display) -> io::Error {
@@ -272,29 +291,42 @@ fn encode_into(
     }
 }
 
+fn encode_size(e: rustls::unbuffered::EncodeError) -> usize {
+    match e {
+        rustls::unbuffered::EncodeError::InsufficientSize(i) => i.required_size,
+        _ => 0,
+    }
+}
+
+fn encrypt_size(e: rustls::unbuffered::EncryptError) -> usize {
+    match e {
+        rustls::unbuffered::EncryptError::InsufficientSize(i) => i.required_size,
+        _ => 0,
+    }
+}
+
 impl LeanTlsStream {
-    /// Runs the server handshake on `tcp` (bound the call with a deadline).
+    /// Runs the server handshake on `tcp` (bound the call with a deadline). The
+    /// configuration must allow secret extraction ([`server_config`] does) for a TLS
+    /// 1.3 session to move to Tether's record layer; otherwise it stays on rustls's.
     pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
-        use rustls::unbuffered::{ConnectionState, EncodeError};
+        use rustls::unbuffered::ConnectionState;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let extract = config.enable_secret_extraction;
         let mut conn = rustls::server::UnbufferedServerConnection::new(config).map_err(tls_io)?;
         let mut incoming: Vec<u8> = Vec::new();
         let mut used = 0;
         let mut outgoing: Vec<u8> = Vec::new();
+        let mut early: Vec<u8> = Vec::new();
         let mut tcp = tcp;
         loop {
             let status = conn.process_tls_records(&mut incoming[..used]);
-            let discard = status.discard;
+            let mut discard = status.discard;
             let mut need_read = false;
             let mut done = false;
             match status.state.map_err(tls_io)? {
                 ConnectionState::EncodeTlsData(mut s) => {
-                    encode_into(&mut outgoing, |buf| {
-                        s.encode(buf).map_err(|e| match e {
-                            EncodeError::InsufficientSize(i) => i.required_size,
-                            _ => 0,
-                        })
-                    })?;
+                    encode_into(&mut outgoing, |buf| s.encode(buf).map_err(encode_size))?;
                 }
                 ConnectionState::TransmitTlsData(s) => {
                     tcp.write_all(&outgoing).await?;
@@ -302,7 +334,19 @@ impl LeanTlsStream {
                     s.done();
                 }
                 ConnectionState::BlockedHandshake => need_read = true,
-                ConnectionState::WriteTraffic(_) | ConnectionState::ReadTraffic(_) => done = true,
+                // Application data that came with the client's Finished: taken out,
+                // so that nothing is left inside rustls when the session leaves it.
+                ConnectionState::ReadTraffic(mut r) => {
+                    let mut any = false;
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(tls_io)?;
+                        discard += record.discard;
+                        early.extend_from_slice(record.payload);
+                        any = true;
+                    }
+                    done = !any;
+                }
+                ConnectionState::WriteTraffic(_) => done = true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -322,10 +366,18 @@ impl LeanTlsStream {
                 } else {
                     incoming
                 };
+                let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+                let records = if tls13 && extract {
+                    Records::Own(Box::new(OwnRecords::new(conn)?))
+                } else {
+                    Records::Rustls(Box::new(conn))
+                };
+                early.shrink_to_fit();
                 return Ok(Self {
                     tcp,
-                    conn,
+                    records,
                     tls_in,
+                    early,
                     out: Vec::new(),
                     outpos: 0,
                     eof: false,
@@ -350,83 +402,37 @@ impl LeanTlsStream {
         }
     }
 
-    /// Brings the connection to its write state, encoding anything rustls must send
-    /// first (a key update answer) into `out`; then runs `f` on it.
-    fn with_write_traffic<R>(
-        &mut self,
-        mut f: impl FnMut(
-            &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
-            &mut Vec<u8>,
-        ) -> io::Result<R>,
-    ) -> io::Result<R> {
-        use rustls::unbuffered::{ConnectionState, EncodeError};
-        loop {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state.map_err(tls_io)? {
-                ConnectionState::WriteTraffic(mut w) => return f(&mut w, &mut self.out),
-                ConnectionState::EncodeTlsData(mut s) => encode_into(&mut self.out, |buf| {
-                    s.encode(buf).map_err(|e| match e {
-                        EncodeError::InsufficientSize(i) => i.required_size,
-                        _ => 0,
-                    })
-                })?,
-                ConnectionState::TransmitTlsData(s) => s.done(),
-                ConnectionState::Closed | ConnectionState::PeerClosed => {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS: closed"));
-                }
-                _ => return Err(tls_io("not ready to send")),
-            }
-        }
+    /// Whether the session runs on Tether's own record layer (TLS 1.3).
+    pub fn own_records(&self) -> bool {
+        matches!(self.records, Records::Own(_))
     }
 
     /// Decrypts the complete records at the front of `buf[..have]` in place and moves
     /// their plaintext to the front; returns (plaintext length, bytes consumed).
     fn decrypt_in_place(&mut self, buf: &mut [u8], have: usize) -> io::Result<(usize, usize)> {
-        use rustls::unbuffered::{ConnectionState, EncodeError};
-        let mut consumed = 0;
-        let mut plain = 0;
-        loop {
-            // This rustls hands out each record's plaintext in a buffer of its own.
-            let mut pieces: Vec<Vec<u8>> = Vec::new();
-            let status = self.conn.process_tls_records(&mut buf[consumed..have]);
-            let mut discard = status.discard;
-            let mut more = false;
-            match status.state.map_err(tls_io)? {
-                ConnectionState::ReadTraffic(mut r) => {
-                    while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_io)?;
-                        discard += record.discard;
-                        pieces.push(record.payload.to_vec());
-                    }
-                    more = true;
-                }
-                ConnectionState::EncodeTlsData(mut s) => {
-                    encode_into(&mut self.out, |b| {
-                        s.encode(b).map_err(|e| match e {
-                            EncodeError::InsufficientSize(i) => i.required_size,
-                            _ => 0,
-                        })
-                    })?;
-                    more = true;
-                }
-                ConnectionState::TransmitTlsData(s) => {
-                    s.done();
-                    more = true;
-                }
-                ConnectionState::PeerClosed | ConnectionState::Closed => self.eof = true,
-                ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake => {}
-                _ => return Err(tls_io("unexpected state")),
-            }
-            for piece in pieces {
-                // Plaintext is never longer than the record it came in, so it lands
-                // below `consumed + discard`, on bytes already processed.
-                buf[plain..plain + piece.len()].copy_from_slice(&piece);
-                plain += piece.len();
-            }
-            consumed += discard;
-            if !more {
-                return Ok((plain, consumed));
-            }
+        match &mut self.records {
+            Records::Own(own) => own.open(buf, have, &mut self.out, &mut self.eof),
+            Records::Rustls(conn) => rustls_decrypt(conn, buf, have, &mut self.out, &mut self.eof),
+        }
+    }
+
+    /// Seals `data` into `out`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.records {
+            Records::Own(own) => own.seal(data, &mut self.out),
+            Records::Rustls(conn) => rustls_write(conn, &mut self.out, |w, out| {
+                encode_into(out, |buf| w.encrypt(data, buf).map_err(encrypt_size))
+            }),
+        }
+    }
+
+    /// Queues a close_notify alert into `out`.
+    fn close_notify(&mut self) -> io::Result<()> {
+        match &mut self.records {
+            Records::Own(own) => own.close_notify(&mut self.out),
+            Records::Rustls(conn) => rustls_write(conn, &mut self.out, |w, out| {
+                encode_into(out, |buf| w.queue_close_notify(buf).map_err(encrypt_size))
+            }),
         }
     }
 
@@ -449,6 +455,84 @@ impl LeanTlsStream {
     }
 }
 
+/// Brings a rustls connection to its write state, encoding anything it must send
+/// first (a key update answer) into `out`; then runs `f` on it.
+fn rustls_write<R>(
+    conn: &mut rustls::server::UnbufferedServerConnection,
+    out: &mut Vec<u8>,
+    mut f: impl FnMut(
+        &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+        &mut Vec<u8>,
+    ) -> io::Result<R>,
+) -> io::Result<R> {
+    use rustls::unbuffered::ConnectionState;
+    loop {
+        let status = conn.process_tls_records(&mut []);
+        match status.state.map_err(tls_io)? {
+            ConnectionState::WriteTraffic(mut w) => return f(&mut w, out),
+            ConnectionState::EncodeTlsData(mut s) => {
+                encode_into(out, |buf| s.encode(buf).map_err(encode_size))?
+            }
+            ConnectionState::TransmitTlsData(s) => s.done(),
+            ConnectionState::Closed | ConnectionState::PeerClosed => {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS: closed"));
+            }
+            _ => return Err(tls_io("not ready to send")),
+        }
+    }
+}
+
+/// [`LeanTlsStream::decrypt_in_place`] on a rustls connection.
+fn rustls_decrypt(
+    conn: &mut rustls::server::UnbufferedServerConnection,
+    buf: &mut [u8],
+    have: usize,
+    out: &mut Vec<u8>,
+    eof: &mut bool,
+) -> io::Result<(usize, usize)> {
+    use rustls::unbuffered::ConnectionState;
+    let mut consumed = 0;
+    let mut plain = 0;
+    loop {
+        // This rustls hands out each record's plaintext in a buffer of its own.
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let status = conn.process_tls_records(&mut buf[consumed..have]);
+        let mut discard = status.discard;
+        let mut more = false;
+        match status.state.map_err(tls_io)? {
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    let record = record.map_err(tls_io)?;
+                    discard += record.discard;
+                    pieces.push(record.payload.to_vec());
+                }
+                more = true;
+            }
+            ConnectionState::EncodeTlsData(mut s) => {
+                encode_into(out, |b| s.encode(b).map_err(encode_size))?;
+                more = true;
+            }
+            ConnectionState::TransmitTlsData(s) => {
+                s.done();
+                more = true;
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => *eof = true,
+            ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake => {}
+            _ => return Err(tls_io("unexpected state")),
+        }
+        for piece in pieces {
+            // Plaintext is never longer than the record it came in, so it lands
+            // below `consumed + discard`, on bytes already processed.
+            buf[plain..plain + piece.len()].copy_from_slice(&piece);
+            plain += piece.len();
+        }
+        consumed += discard;
+        if !more {
+            return Ok((plain, consumed));
+        }
+    }
+}
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 impl AsyncRead for LeanTlsStream {
@@ -459,6 +543,15 @@ impl AsyncRead for LeanTlsStream {
     ) -> std::task::Poll<io::Result<()>> {
         use std::task::Poll;
         let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.drain(..n);
+            if this.early.is_empty() {
+                this.early = Vec::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         if this.eof {
             return Poll::Ready(Ok(()));
         }
@@ -474,13 +567,13 @@ impl AsyncRead for LeanTlsStream {
             // (records that came with the last handshake flight).
             {
                 let (plain, consumed) = this.decrypt_in_place(dst, have)?;
-                // Anything rustls owes the peer (a key update) leaves now if it can;
-                // otherwise with the next flush.
+                // Anything owed to the peer (a key update answer) leaves now if it
+                // can; otherwise with the next flush.
                 if !this.out.is_empty() {
                     let _ = this.poll_write_out(cx)?;
                 }
                 if plain > 0 {
-                    if consumed < have {
+                    if consumed < have && !this.eof {
                         this.tls_in = dst[consumed..have].to_vec();
                     }
                     buf.advance(plain);
@@ -544,14 +637,7 @@ impl AsyncWrite for LeanTlsStream {
             }
         }
         let take = data.len().min(64 * 1024);
-        this.with_write_traffic(|w, out| {
-            encode_into(out, |buf| {
-                w.encrypt(&data[..take], buf).map_err(|e| match e {
-                    rustls::unbuffered::EncryptError::InsufficientSize(i) => i.required_size,
-                    _ => 0,
-                })
-            })
-        })?;
+        this.encrypt(&data[..take])?;
         Poll::Ready(Ok(take))
     }
 
@@ -567,14 +653,7 @@ impl AsyncWrite for LeanTlsStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         let this = self.get_mut();
-        let _ = this.with_write_traffic(|w, out| {
-            encode_into(out, |buf| {
-                w.queue_close_notify(buf).map_err(|e| match e {
-                    rustls::unbuffered::EncryptError::InsufficientSize(i) => i.required_size,
-                    _ => 0,
-                })
-            })
-        });
+        let _ = this.close_notify();
         let _ = this.poll_write_out(cx);
         std::pin::Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
@@ -610,9 +689,17 @@ mod tests {
     }
 
     async fn pair() -> (TlsServerTransport, TlsClientTransport) {
+        pair_with(|_, c| c).await
+    }
+
+    /// A session whose client configuration `tweak` changed.
+    async fn pair_with(
+        tweak: impl FnOnce(&Path, Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig>,
+    ) -> (TlsServerTransport, TlsClientTransport) {
         let dir = std::env::temp_dir().join(format!("tether-tls-{}", rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let (server, client) = configs(&dir);
+        let client = tweak(&dir, client);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accept = async {
@@ -682,5 +769,110 @@ mod tests {
         c.shutdown();
         flush(&mut c).await.unwrap();
         assert!(recv(&mut s).await.unwrap().is_none());
+    }
+
+    fn ack(seq: u64) -> Frame {
+        Frame::Ack(pb::Ack { seq })
+    }
+
+    /// Sends `n` ACKs from `from` and checks that `to` gets them, in order.
+    async fn exchange<A: Transport, B: Transport>(from: &mut A, to: &mut B, base: u64, n: u64) {
+        for i in 0..n {
+            from.send(&ack(base + i)).unwrap();
+        }
+        flush(from).await.unwrap();
+        for i in 0..n {
+            let raw = recv(to).await.unwrap().expect("a frame");
+            assert_eq!(frame::from_raw(&raw).unwrap(), ack(base + i));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls13_session_runs_on_tethers_record_layer_through_key_updates_both_ways() {
+        let (mut s, mut c) = pair().await;
+        assert!(s.io().own_records(), "TLS 1.3 leaves rustls's record layer");
+        exchange(&mut c, &mut s, 0, 50).await;
+        exchange(&mut s, &mut c, 100, 50).await;
+        // The client changes its key and asks for ours (KeyUpdate, update_requested):
+        // the server must open the client's records under the new key, and the client
+        // the server's under the server's new one.
+        for round in 0..3u64 {
+            c.io_mut().get_mut().1.refresh_traffic_keys().unwrap();
+            exchange(&mut c, &mut s, 1000 * round, 20).await;
+            exchange(&mut s, &mut c, 1000 * round + 500, 20).await;
+        }
+        // The server changes its own key before its confidentiality limit.
+        let Records::Own(own) = &mut s.io_mut().records else {
+            unreachable!()
+        };
+        own.set_tx_limit(7);
+        exchange(&mut s, &mut c, 5000, 40).await;
+        let Records::Own(own) = &s.io().records else {
+            unreachable!()
+        };
+        assert!(own.tx_seq() < 7, "sealed {} under one key", own.tx_seq());
+        exchange(&mut c, &mut s, 6000, 5).await;
+        let io = s.io();
+        assert_eq!((io.tls_in.capacity(), io.out.capacity()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_tls12_session_stays_on_rustls() {
+        let (mut s, mut c) = pair_with(|dir, _| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(load_certs(&dir.join("c.pem")).unwrap());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![ALPN.to_vec()];
+            Arc::new(config)
+        })
+        .await;
+        assert!(!s.io().own_records());
+        exchange(&mut c, &mut s, 0, 30).await;
+        exchange(&mut s, &mut c, 100, 30).await;
+    }
+
+    #[tokio::test]
+    async fn bad_records_after_the_handshake_are_errors_not_panics() {
+        use tokio::io::AsyncWriteExt;
+        let cases: [(&str, Vec<u8>); 5] = [
+            (
+                "failed authentication",
+                [&[23u8, 3, 3, 0, 40][..], &[7u8; 40]].concat(),
+            ),
+            ("record of type 20", vec![20, 3, 3, 0, 1, 1]),
+            (
+                "record of type 22",
+                [&[22u8, 3, 3, 0, 20][..], &[0u8; 20]].concat(),
+            ),
+            ("a record of 65535 bytes", vec![23, 3, 3, 0xff, 0xff]),
+            ("a record of 5 bytes", vec![23, 3, 3, 0, 5, 1, 2, 3, 4, 5]),
+        ];
+        for (expected, bytes) in cases {
+            let dir = std::env::temp_dir().join(format!("tether-tls-{}", rand_suffix()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (server, client) = configs(&dir);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accept = async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                LeanTlsStream::accept(tcp, server).await.unwrap()
+            };
+            let host = addr.to_string();
+            let connect = async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                connect(client, &host, tcp).await.unwrap()
+            };
+            let (s, c) = tokio::join!(accept, connect);
+            let mut s = StreamTransport::server(Box::new(s), 1 << 20);
+            // Past TLS, the client's socket writes whatever it is given.
+            let (mut tcp, _) = c.into_inner();
+            tcp.write_all(&bytes).await.unwrap();
+            let err = recv(&mut s).await.expect_err(expected);
+            assert!(err.to_string().contains(expected), "{expected}: got {err}");
+        }
     }
 }

@@ -691,6 +691,73 @@ async fn tls_handshake_with_garbage_is_refused_and_nothing_else_is_affected() {
     ok.ping().await;
 }
 
+/// Another TLS implementation (OpenSSL's `s_client`) against Tether's own TLS 1.3
+/// record layer: it asks for a key update, the server answers with its own, and
+/// application data then crosses both ways under the new keys (the server's reply to
+/// the bad preamble is an ERROR frame OpenSSL has to decrypt).
+#[test]
+fn openssl_talks_to_the_tls_record_layer_through_a_key_update() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let lab = Lab::start();
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client", "-tls1_3", "-msg", "-alpn", "tether/1", "-connect",
+        ])
+        .arg(lab.server.tls.unwrap().to_string())
+        .arg("-CAfile")
+        .arg(&lab.ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl (scripts/test.sh installs it)");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |needle: &str| {
+        let end = Instant::now() + WAIT;
+        while !seen.contains(needle) {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                Err(_) => panic!("no {needle:?} from openssl; it printed:\n{seen}"),
+            }
+        }
+    };
+    wait_for("Verify return code: 0 (ok)");
+    let mut stdin = child.stdin.take().unwrap();
+    // `K`: a KeyUpdate asking for the server's.
+    stdin.write_all(b"K\n").unwrap();
+    wait_for("<<< TLS 1.3, Handshake [length 0005], KeyUpdate");
+    stdin.write_all(b"not a preamble\n").unwrap();
+    wait_for("expected the preamble");
+    wait_for("<<< TLS 1.3, Alert [length 0002], warning close_notify");
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        lab.server.wait_log("ERROR_CODE_BAD_PREAMBLE", WAIT),
+        "{}",
+        lab.server.log()
+    );
+    assert!(!lab.server.log().contains("TLS: "), "{}", lab.server.log());
+}
+
 /// Writes a certificate for `hosts` valid over [start, end) (seconds from now).
 fn cert_with(dir: &Path, name: &str, hosts: &[&str], start: i64, end: i64) -> (PathBuf, PathBuf) {
     let mut params =
