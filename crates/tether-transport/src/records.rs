@@ -38,9 +38,27 @@ const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+
+// Alerts this side sends before it ends a session (RFC 8446 §6.2).
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const DECODE_ERROR: u8 = 50;
+
+/// Records in a row that carry no application data (empty ones, KeyUpdates) before
+/// the peer counts as abusive, as in rustls.
+const MAX_EMPTY_RECORDS: u8 = 32;
 
 fn tls_err(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {what}"))
+}
+
+/// What ends a session while reading: the alert owed to the peer, and why.
+struct Fatal(u8, String);
+
+fn fatal(alert: u8, what: impl std::fmt::Display) -> Fatal {
+    Fatal(alert, what.to_string())
 }
 
 /// One direction's traffic key and where its record sequence is.
@@ -106,6 +124,10 @@ pub(crate) struct OwnRecords {
     /// Records one send key may seal: the suite's confidentiality limit, less one for
     /// the KeyUpdate that replaces the key.
     tx_limit: u64,
+    /// Records in a row that carried no application data.
+    empty_in_a_row: u8,
+    /// A close_notify has been sealed: nothing more is.
+    closed: bool,
 }
 
 impl OwnRecords {
@@ -131,6 +153,8 @@ impl OwnRecords {
                 secrets: tx,
             },
             tx_limit: limit.saturating_sub(1).max(1),
+            empty_in_a_row: 0,
+            closed: false,
         })
     }
 
@@ -151,13 +175,24 @@ impl OwnRecords {
         self.seal_as(APPLICATION_DATA, data, out)
     }
 
-    /// Appends a close_notify alert to `out`.
+    /// Appends a close_notify alert to `out`, once; nothing is sealed after it.
     pub(crate) fn close_notify(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
         // Level warning (1), description close_notify (0).
-        self.seal_as(ALERT, &[1, CLOSE_NOTIFY], out)
+        self.seal_as(ALERT, &[1, CLOSE_NOTIFY], out)?;
+        self.closed = true;
+        Ok(())
     }
 
     fn seal_as(&mut self, kind: u8, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        if self.closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS: the session was closed",
+            ));
+        }
         let mut keys = self.tx.keys()?;
         out.reserve(data.len() + data.len().div_ceil(MAX_PLAINTEXT) * (HEADER + 1 + TAG));
         for chunk in data.chunks(MAX_PLAINTEXT) {
@@ -187,8 +222,9 @@ impl OwnRecords {
 
     /// Opens the complete records at the front of `buf[..have]` in place and moves
     /// their application data to the front; returns (plaintext length, bytes
-    /// consumed). Whatever the peer is owed (a KeyUpdate answer) is sealed into
-    /// `out`; a close_notify sets `eof` and ends the reading there.
+    /// consumed). Whatever the peer is owed (a KeyUpdate answer, or the fatal alert
+    /// before an error) is sealed into `out`; a close_notify sets `eof` and ends the
+    /// reading there.
     pub(crate) fn open(
         &mut self,
         buf: &mut [u8],
@@ -196,6 +232,25 @@ impl OwnRecords {
         out: &mut Vec<u8>,
         eof: &mut bool,
     ) -> io::Result<(usize, usize)> {
+        self.open_records(buf, have, out, eof)
+            .map_err(|Fatal(alert, why)| {
+                // Level fatal (2). Best effort: the session ends either way.
+                if !self.closed {
+                    let _ = self.seal_as(ALERT, &[2, alert], out);
+                    self.closed = true;
+                }
+                tls_err(why)
+            })
+    }
+
+    fn open_records(
+        &mut self,
+        buf: &mut [u8],
+        have: usize,
+        out: &mut Vec<u8>,
+        eof: &mut bool,
+    ) -> Result<(usize, usize), Fatal> {
+        let internal = |e: io::Error| fatal(UNEXPECTED_MESSAGE, e);
         let mut keys: Option<Keys> = None;
         let mut pos = 0;
         let mut plain = 0;
@@ -203,70 +258,106 @@ impl OwnRecords {
             let header: [u8; HEADER] = buf[pos..pos + HEADER].try_into().expect("five bytes");
             let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
             if header[0] != APPLICATION_DATA {
-                return Err(tls_err(format!(
-                    "a record of type {} after the handshake",
-                    header[0]
-                )));
+                return Err(fatal(
+                    UNEXPECTED_MESSAGE,
+                    format!("a record of type {} after the handshake", header[0]),
+                ));
             }
-            if !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
-                return Err(tls_err(format!("a record of {len} bytes")));
+            if len > MAX_CIPHERTEXT {
+                return Err(fatal(RECORD_OVERFLOW, format!("a record of {len} bytes")));
+            }
+            if len < TAG + 1 {
+                return Err(fatal(DECODE_ERROR, format!("a record of {len} bytes")));
             }
             if have - pos < HEADER + len {
                 break;
             }
             if keys.is_none() {
-                keys = Some(self.rx.keys()?);
+                keys = Some(self.rx.keys().map_err(internal)?);
             }
             let k = keys.as_ref().expect("just set");
-            let nonce = self.rx.next_nonce(&k.iv)?;
+            let nonce = self.rx.next_nonce(&k.iv).map_err(internal)?;
             let body = pos + HEADER;
             let opened = k
                 .key
                 .open_in_place(nonce, Aad::from(header), &mut buf[body..body + len])
-                .map_err(|_| tls_err("a record failed authentication (bad_record_mac)"))?;
+                .map_err(|_| {
+                    fatal(
+                        BAD_RECORD_MAC,
+                        "a record failed authentication (bad_record_mac)",
+                    )
+                })?;
             // The inner content type is the last byte that is not padding.
             let end = opened
                 .iter()
                 .rposition(|&b| b != 0)
-                .ok_or_else(|| tls_err("a record with no content type"))?;
+                .ok_or_else(|| fatal(UNEXPECTED_MESSAGE, "a record with no content type"))?;
+            if end > MAX_PLAINTEXT {
+                return Err(fatal(
+                    RECORD_OVERFLOW,
+                    format!("a record with {end} bytes of plaintext"),
+                ));
+            }
             let kind = opened[end];
             pos = body + len;
+            if kind == APPLICATION_DATA && end > 0 {
+                self.empty_in_a_row = 0;
+            } else {
+                self.empty_in_a_row += 1;
+                if self.empty_in_a_row > MAX_EMPTY_RECORDS {
+                    return Err(fatal(
+                        UNEXPECTED_MESSAGE,
+                        format!("more than {MAX_EMPTY_RECORDS} records in a row without data"),
+                    ));
+                }
+            }
             match kind {
                 APPLICATION_DATA => {
                     // The plaintext lies past everything already moved to the front.
                     buf.copy_within(body..body + end, plain);
                     plain += end;
                 }
-                ALERT => {
-                    let alert = &buf[body..body + end];
-                    if alert.len() == 2 && alert[1] == CLOSE_NOTIFY {
+                ALERT => match buf[body..body + end] {
+                    [_, CLOSE_NOTIFY] => {
                         *eof = true;
                         return Ok((plain, pos));
                     }
-                    return Err(tls_err(format!("the peer sent alert {alert:?}")));
-                }
+                    // A warning that the peer is giving up; its close_notify follows.
+                    [_, USER_CANCELED] => {}
+                    ref alert => {
+                        return Err(fatal(
+                            UNEXPECTED_MESSAGE,
+                            format!("the peer sent alert {alert:?}"),
+                        ));
+                    }
+                },
                 HANDSHAKE => {
                     let requested = key_update(&buf[body..body + end])?;
-                    let (seq, secrets) = self.kernel.update_rx_secret().map_err(tls_err)?;
+                    let (seq, secrets) = self
+                        .kernel
+                        .update_rx_secret()
+                        .map_err(|e| fatal(UNEXPECTED_MESSAGE, e))?;
                     self.rx = Direction { seq, secrets };
                     keys = None;
                     if requested {
                         // Answer under the old key, then change it (RFC 8446 §4.6.3).
-                        let tx_keys = self.tx.keys()?;
+                        let tx_keys = self.tx.keys().map_err(internal)?;
                         seal_record(
                             &mut self.tx,
                             &tx_keys,
                             HANDSHAKE,
                             &[KEY_UPDATE, 0, 0, 1, 0],
                             out,
-                        )?;
-                        self.rotate_tx()?;
+                        )
+                        .map_err(internal)?;
+                        self.rotate_tx().map_err(internal)?;
                     }
                 }
                 other => {
-                    return Err(tls_err(format!(
-                        "an inner content type {other} after the handshake"
-                    )));
+                    return Err(fatal(
+                        UNEXPECTED_MESSAGE,
+                        format!("an inner content type {other} after the handshake"),
+                    ));
                 }
             }
         }
@@ -275,15 +366,17 @@ impl OwnRecords {
 }
 
 /// Parses a record's handshake content, which must be exactly one KeyUpdate; returns
-/// whether the peer asked for ours.
-fn key_update(content: &[u8]) -> io::Result<bool> {
+/// whether the peer asked for ours. (RFC 8446 lets a handshake message span records;
+/// no implementation splits a 5-byte KeyUpdate, and this one refuses it.)
+fn key_update(content: &[u8]) -> Result<bool, Fatal> {
     match content {
         [KEY_UPDATE, 0, 0, 1, request @ (0 | 1)] => Ok(*request == 1),
-        [KEY_UPDATE, ..] => Err(tls_err("a malformed KeyUpdate")),
-        [kind, ..] => Err(tls_err(format!(
-            "handshake message type {kind} after the handshake"
-        ))),
-        [] => Err(tls_err("an empty handshake record")),
+        [KEY_UPDATE, ..] => Err(fatal(DECODE_ERROR, "a malformed KeyUpdate")),
+        [kind, ..] => Err(fatal(
+            UNEXPECTED_MESSAGE,
+            format!("handshake message type {kind} after the handshake"),
+        )),
+        [] => Err(fatal(UNEXPECTED_MESSAGE, "an empty handshake record")),
     }
 }
 

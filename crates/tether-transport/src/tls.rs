@@ -241,7 +241,13 @@ pub struct LeanTlsStream {
     outpos: usize,
     /// The peer sent close_notify (or the socket ended): reads return end of stream.
     eof: bool,
+    /// This side sealed its close_notify.
+    closing: bool,
 }
+
+/// Ciphertext this side may hold for a peer that does not read before it stops
+/// reading (and so stops sealing KeyUpdate answers) or writing.
+const MAX_OUT: usize = 64 * 1024;
 
 /// Who seals and opens a session's records.
 enum Records {
@@ -312,7 +318,8 @@ impl LeanTlsStream {
     pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
         use rustls::unbuffered::ConnectionState;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let extract = config.enable_secret_extraction;
+        // Half-RTT data would reach the write state before the client's Finished.
+        let extract = config.enable_secret_extraction && !config.send_half_rtt_data;
         let mut conn = rustls::server::UnbufferedServerConnection::new(config).map_err(tls_io)?;
         let mut incoming: Vec<u8> = Vec::new();
         let mut used = 0;
@@ -320,6 +327,8 @@ impl LeanTlsStream {
         let mut early: Vec<u8> = Vec::new();
         let mut tcp = tcp;
         loop {
+            // Known from the ServerHello on, long before the write state.
+            let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
             let status = conn.process_tls_records(&mut incoming[..used]);
             let mut discard = status.discard;
             let mut need_read = false;
@@ -346,7 +355,17 @@ impl LeanTlsStream {
                     }
                     done = !any;
                 }
-                ConnectionState::WriteTraffic(_) => done = true,
+                ConnectionState::WriteTraffic(mut w) => {
+                    if extract && tls13 {
+                        // A KeyUpdate that came with the client's Finished left its
+                        // answer queued inside rustls, where the switch would drop
+                        // it; an empty record brings it out (and is harmless alone).
+                        encode_into(&mut outgoing, |buf| {
+                            w.encrypt(&[], buf).map_err(encrypt_size)
+                        })?;
+                    }
+                    done = true;
+                }
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -366,21 +385,23 @@ impl LeanTlsStream {
                 } else {
                     incoming
                 };
-                let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
                 let records = if tls13 && extract {
                     Records::Own(Box::new(OwnRecords::new(conn)?))
                 } else {
                     Records::Rustls(Box::new(conn))
                 };
                 early.shrink_to_fit();
+                // Sent with the first flush.
+                outgoing.shrink_to_fit();
                 return Ok(Self {
                     tcp,
                     records,
                     tls_in,
                     early,
-                    out: Vec::new(),
+                    out: outgoing,
                     outpos: 0,
                     eof: false,
+                    closing: false,
                 });
             }
             if need_read {
@@ -555,6 +576,15 @@ impl AsyncRead for LeanTlsStream {
         if this.eof {
             return Poll::Ready(Ok(()));
         }
+        // A peer that does not read its socket gets nothing more read from it either:
+        // what reading seals for it (KeyUpdate answers) would pile up here.
+        if this.out.len() - this.outpos >= MAX_OUT {
+            match this.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
         let dst = buf.initialize_unfilled();
         let mut have = this.tls_in.len();
         if have >= dst.len() {
@@ -566,7 +596,14 @@ impl AsyncRead for LeanTlsStream {
             // Even with no new bytes: rustls may hold plaintext it decrypted already
             // (records that came with the last handshake flight).
             {
-                let (plain, consumed) = this.decrypt_in_place(dst, have)?;
+                let (plain, consumed) = match this.decrypt_in_place(dst, have) {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // The alert owed to the peer goes if the socket takes it now.
+                        let _ = this.poll_write_out(cx);
+                        return Poll::Ready(Err(e));
+                    }
+                };
                 // Anything owed to the peer (a key update answer) leaves now if it
                 // can; otherwise with the next flush.
                 if !this.out.is_empty() {
@@ -629,7 +666,7 @@ impl AsyncWrite for LeanTlsStream {
         use std::task::Poll;
         let this = self.get_mut();
         // Keep what waits for the socket bounded: push it out first.
-        if this.out.len() - this.outpos >= 64 * 1024 {
+        if this.out.len() - this.outpos >= MAX_OUT {
             match this.poll_write_out(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -652,9 +689,19 @@ impl AsyncWrite for LeanTlsStream {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
         let this = self.get_mut();
-        let _ = this.close_notify();
-        let _ = this.poll_write_out(cx);
+        if !this.closing {
+            this.closing = true;
+            // Best effort: a session that failed may not be able to seal any more.
+            let _ = this.close_notify();
+        }
+        // What is queued, close_notify last, goes before the FIN.
+        match this.poll_write_out(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {}
+        }
         std::pin::Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
@@ -874,5 +921,29 @@ mod tests {
             let err = recv(&mut s).await.expect_err(expected);
             assert!(err.to_string().contains(expected), "{expected}: got {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_key_updates_ends_the_session() {
+        let (mut s, mut c) = pair().await;
+        // Each KeyUpdate asks for the server's too. Up to 32 in a row are fine.
+        for round in 0..3 {
+            for _ in 0..30 {
+                c.io_mut().get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            exchange(&mut c, &mut s, round * 10, 3).await;
+            exchange(&mut s, &mut c, round * 10 + 5, 3).await;
+        }
+        // More is a peer making the server seal answers it may never read.
+        for _ in 0..40 {
+            c.io_mut().get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        c.send(&ack(2)).unwrap();
+        flush(&mut c).await.unwrap();
+        let err = recv(&mut s).await.expect_err("too many empty records");
+        assert!(
+            err.to_string().contains("records in a row without data"),
+            "{err}"
+        );
     }
 }
