@@ -120,6 +120,21 @@ enum Which {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// This machine's floor for CPU per keepalive: a bare single-threaded epoll echo
+    /// server (no protocol, no sessions) answering 2-byte pings from idle
+    /// connections, measured as `bench load` measures Tether.
+    Floor {
+        #[arg(long, default_value_t = 19_000)]
+        connections: usize,
+        /// Seconds between pings of a connection.
+        #[arg(long, default_value_t = 30)]
+        interval: u64,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
+    /// Hidden: the echo server of `bench floor`.
+    #[command(hide = true)]
+    FloorServer,
     /// Server memory per idle authenticated session over the in-memory transport.
     Memory {
         #[arg(long, default_value_t = 100_000)]
@@ -173,6 +188,24 @@ pub async fn run(args: BenchArgs) -> ExitCode {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r)
         }
+        Which::Floor {
+            connections,
+            interval,
+            seconds,
+        } => tokio::task::spawn_blocking(move || {
+            crate::floor::run(
+                connections,
+                Duration::from_secs(interval),
+                Duration::from_secs(seconds),
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r),
+        Which::FloorServer => tokio::task::spawn_blocking(crate::floor::serve)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r),
         Which::Load(args) => crate::load::run(args).await,
         Which::LoadWorker(args) => crate::load::worker(args).await,
         Which::Peer(args) => crate::bench_peers::run(args).await,

@@ -124,6 +124,10 @@ pub struct LoadArgs {
     /// … and its process id (memory and CPU are read from /proc).
     #[arg(long)]
     pid: Option<u32>,
+    /// … and, optionally, its HTTP address (`--http`), for its counters: PINGs
+    /// answered, expiries, and the cursor writes the window waits for.
+    #[arg(long)]
+    server_http: Option<SocketAddr>,
     /// CA certificate for tls/wss/quic against `--server`.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -164,7 +168,7 @@ pub async fn run(args: LoadArgs) -> BenchResult {
 }
 
 /// Raises the soft open-files limit to the hard one (20,000 here).
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -178,7 +182,7 @@ fn raise_fd_limit() {
     }
 }
 
-fn machine() -> Value {
+pub(crate) fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -482,7 +486,7 @@ async fn sockets(args: &LoadArgs) -> BenchResult {
             data.clone(),
             args.ca.clone(),
             pid.to_string(),
-            None,
+            args.server_http,
         ),
         _ => {
             let c = ServerChild::spawn(dir.path(), args)?;
@@ -1277,6 +1281,7 @@ fn clone_args(a: &LoadArgs) -> LoadArgs {
         server: a.server.clone(),
         data: a.data.clone(),
         pid: a.pid,
+        server_http: None,
         ca: a.ca.clone(),
         json: None,
         markdown: None,

@@ -13,6 +13,7 @@ mod bench_peers;
 mod bench_transports;
 mod chaos;
 mod client_cmds;
+mod floor;
 mod hiccups;
 mod lab;
 mod load;

@@ -76,6 +76,39 @@ fn idle_tcp_connections_heartbeat_without_expiring_and_the_server_is_measured() 
     assert!(u(&r["ping_rtt_us"]["count"]) > 0, "{r}");
     assert!(r["server_cpu_us_per_ping"].as_f64().unwrap() > 0.0, "{r}");
     assert!(u(&r["server_rss_connected_bytes"]) > u(&r["server_rss_before_bytes"]));
+    // The window waited for the logins' cursor writes (a number, not null).
+    assert!(r["settle_s"].as_f64().is_some(), "{r}");
+}
+
+/// `bench floor`: a bare echo server in a child process answers every ping, and its
+/// CPU is measured.
+#[test]
+fn the_keepalive_floor_answers_every_ping_and_measures_its_server() {
+    let out = common::tether()
+        .args([
+            "bench",
+            "floor",
+            "--connections",
+            "200",
+            "--interval",
+            "1",
+            "--seconds",
+            "3",
+        ])
+        .output()
+        .expect("run tether bench floor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    // 200 connections pinging every second for 3 s: about 600, each answered (the
+    // last few may still be in flight when the window closes).
+    let (sent, answered) = (u(&r["pings_sent"]), u(&r["pings_answered"]));
+    assert!((500..=700).contains(&sent), "{r}");
+    assert!(answered + 20 >= sent && answered <= sent, "{r}");
+    assert!(r["server_cpu_us_per_ping"].as_f64().unwrap() > 0.0, "{r}");
 }
 
 #[test]
