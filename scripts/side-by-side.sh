@@ -8,14 +8,16 @@
 #   (c) throughput: one pair, 200,000 messages.
 #
 # Tether is loaded by `tether bench load` (fsync and relaxed durability); the peers by
-# `tether bench peer`, which drives them through rumqttc and async-nats. Every run's
+# `tether bench peer`, which drives them through rumqttc and async-nats. A last row, the
+# floor, is `tether bench floor` under the idle load: a bare epoll echo server's CPU
+# per keepalive on this machine, for reference. Every run's
 # JSON, stderr and the load average before it go to $OUT (target/side-by-side); at the
 # end $OUT/table.md is written and printed. A failed run shows as "failed: <reason>"
 # in its cells and the others go on; the script exits non-zero if any run failed.
 #
 # Environment: OUT, CONNS, WINDOW (scale the idle run down), PAIRS, RATE, LAT_SECONDS,
 # MESSAGES (the other loads; defaults are the published ones), ONLY (a subset of
-# "tether mosquitto rumqttd nats"), TETHER (a tether binary to use instead of building).
+# "tether mosquitto rumqttd nats floor"), TETHER (a tether binary to use instead of building).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,7 +30,7 @@ PAIRS=${PAIRS:-1000}
 RATE=${RATE:-5000}
 SECONDS_LAT=${LAT_SECONDS:-10}
 MESSAGES=${MESSAGES:-200000}
-ONLY=${ONLY:-tether mosquitto rumqttd nats}
+ONLY=${ONLY:-tether mosquitto rumqttd nats floor}
 PEERS_DIR=$ROOT/target/peers
 MOSQUITTO_PORT=18830
 RUMQTTD_PORT=18831
@@ -289,6 +291,14 @@ if wanted tether; then
   done
   printf 'Tether, fsync\ttether-idle\ttether-fsync-latency\ttether-fsync-throughput\n' >>"$OUT/rows.tsv"
   printf 'Tether, relaxed\ttether-idle\ttether-relaxed-latency\ttether-relaxed-throughput\n' >>"$OUT/rows.tsv"
+fi
+
+# The floor: a bare epoll echo server (no protocol, no sessions) under the idle load,
+# for what any server's CPU per keepalive can come down to on this machine.
+if wanted floor; then
+  run_load floor-idle "$OUT/floor-idle.json" stdout "$TETHER" bench floor \
+    --connections "$CONNS" --interval "$KEEPALIVE" --seconds "$WINDOW"
+  printf 'Floor: bare epoll echo, no protocol (reference)\tfloor-idle\tnone\tnone\n' >>"$OUT/rows.tsv"
 fi
 
 # --- the table ------------------------------------------------------------------------
