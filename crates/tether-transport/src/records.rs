@@ -18,6 +18,12 @@
 //! change_cipher_spec record, an unknown content type, another handshake message, a
 //! record over 2^14 + 256 bytes, one that fails authentication) is an error that ends
 //! the session.
+//!
+//! Known gaps, each ending only the session that hits it: a KeyUpdate split across
+//! records is refused (RFC 8446 allows it; implementations do not split 5 bytes), and a
+//! KeyUpdate that asks for ours and arrives in the same read as the client's Finished
+//! is answered by rustls into a queue the switch cannot send (rustls writes it only
+//! ahead of non-empty data), so the client cannot read what follows.
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;

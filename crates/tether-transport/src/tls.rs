@@ -355,17 +355,7 @@ impl LeanTlsStream {
                     }
                     done = !any;
                 }
-                ConnectionState::WriteTraffic(mut w) => {
-                    if extract && tls13 {
-                        // A KeyUpdate that came with the client's Finished left its
-                        // answer queued inside rustls, where the switch would drop
-                        // it; an empty record brings it out (and is harmless alone).
-                        encode_into(&mut outgoing, |buf| {
-                            w.encrypt(&[], buf).map_err(encrypt_size)
-                        })?;
-                    }
-                    done = true;
-                }
+                ConnectionState::WriteTraffic(_) => done = true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -391,14 +381,12 @@ impl LeanTlsStream {
                     Records::Rustls(Box::new(conn))
                 };
                 early.shrink_to_fit();
-                // Sent with the first flush.
-                outgoing.shrink_to_fit();
                 return Ok(Self {
                     tcp,
                     records,
                     tls_in,
                     early,
-                    out: outgoing,
+                    out: Vec::new(),
                     outpos: 0,
                     eof: false,
                     closing: false,

@@ -73,8 +73,15 @@ fn chaos(name: &str, extra: &[&str]) -> Value {
         "hundreds of connection kills: {r}"
     );
     assert!(n("conn_kills_silent") > 0, "{r}");
-    // Crashes hit commits in flight: some resends were answered as duplicates.
-    assert!(n("duplicates_suppressed_server") > 0, "{r}");
+    // Crashes and kills hit commits in flight: some committed sends lost their
+    // SEND_ACK, and were answered as duplicates when resent or (out of tries) left
+    // unconfirmed though delivered. Which of the two, and how often, is chance: a run
+    // with one seed gave 0 and 3 duplicates. The dedup answer itself is tested
+    // deterministically (conformance, `send_deliver_ack_and_dedup`).
+    assert!(
+        n("duplicates_suppressed_server") + n("unconfirmed_delivered_once") > 0,
+        "{r}"
+    );
     // The guarantee.
     assert_eq!(n("lost"), 0);
     assert_eq!(n("duplicates_shown"), 0);
