@@ -19,11 +19,11 @@
 //! record over 2^14 + 256 bytes, one that fails authentication) is an error that ends
 //! the session.
 //!
-//! Known gaps, each ending only the session that hits it: a KeyUpdate split across
-//! records is refused (RFC 8446 allows it; implementations do not split 5 bytes), and a
-//! KeyUpdate that asks for ours and arrives in the same read as the client's Finished
-//! is answered by rustls into a queue the switch cannot send (rustls writes it only
-//! ahead of non-empty data), so the client cannot read what follows.
+//! rustls sees the handshake one record at a time and stops at the client's Finished
+//! (`LeanTlsStream::accept`), so whatever came in the same read is handled here.
+//!
+//! Known gap, ending only the session that hits it: a KeyUpdate split across records
+//! is refused (RFC 8446 allows it; implementations do not split 5 bytes).
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::ConnectionTrafficSecrets;

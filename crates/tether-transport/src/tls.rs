@@ -274,6 +274,13 @@ fn tls_io(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
 }
 
+/// The length of the first complete TLS record in `buf`, if there is one.
+fn first_record(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..5)?;
+    let len = 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    (buf.len() >= len).then_some(len)
+}
+
 /// Appends what `encode` writes to `out`, growing it as rustls asks.
 fn encode_into(
     out: &mut Vec<u8>,
@@ -326,11 +333,28 @@ impl LeanTlsStream {
         let mut outgoing: Vec<u8> = Vec::new();
         let mut early: Vec<u8> = Vec::new();
         let mut tcp = tcp;
+        // rustls is given one more complete record only when it holds nothing or asks
+        // for more, so it stops right after the client's Finished: what follows in the
+        // same read (application data, a KeyUpdate) is left to the record layer that
+        // takes over, not half-handled inside rustls (a KeyUpdate's answer would stay
+        // queued there, unsent). `fed`: bytes at the front rustls has been given.
+        let mut fed = 0;
+        let mut blocked = false;
         loop {
             // Known from the ServerHello on, long before the write state.
             let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
-            let status = conn.process_tls_records(&mut incoming[..used]);
+            let next = if fed == 0 || blocked {
+                first_record(&incoming[fed..used]).unwrap_or(0)
+            } else {
+                0
+            };
+            // With no complete record to give, rustls sees the partial one, so that it
+            // refuses a bad header (not TLS at all) before waiting for the rest.
+            let complete = fed + next;
+            let limit = if next == 0 { used } else { complete };
+            let status = conn.process_tls_records(&mut incoming[..limit]);
             let mut discard = status.discard;
+            blocked = false;
             let mut need_read = false;
             let mut done = false;
             match status.state.map_err(tls_io)? {
@@ -342,7 +366,10 @@ impl LeanTlsStream {
                     outgoing = Vec::new();
                     s.done();
                 }
-                ConnectionState::BlockedHandshake => need_read = true,
+                ConnectionState::BlockedHandshake => {
+                    blocked = true;
+                    need_read = first_record(&incoming[limit..used]).is_none();
+                }
                 // Application data that came with the client's Finished: taken out,
                 // so that nothing is left inside rustls when the session leaves it.
                 ConnectionState::ReadTraffic(mut r) => {
@@ -368,6 +395,7 @@ impl LeanTlsStream {
                 incoming.copy_within(discard..used, 0);
                 used -= discard;
             }
+            fed = complete.saturating_sub(discard);
             if done {
                 incoming.truncate(used);
                 let tls_in = if incoming.is_empty() {
@@ -375,7 +403,8 @@ impl LeanTlsStream {
                 } else {
                     incoming
                 };
-                let records = if tls13 && extract {
+                // Own records only from a clean cut: rustls holds no bytes of a record.
+                let records = if tls13 && extract && fed == 0 {
                     Records::Own(Box::new(OwnRecords::new(conn)?))
                 } else {
                     Records::Rustls(Box::new(conn))
@@ -933,5 +962,63 @@ mod tests {
             err.to_string().contains("records in a row without data"),
             "{err}"
         );
+    }
+
+    /// OpenSSL's `s_client` sends a KeyUpdate as soon as it is asked, which can reach
+    /// the server in the same read as the client's Finished. A proxy holds the client's
+    /// second flight back for 300 ms so that it always does here.
+    #[tokio::test]
+    async fn a_key_update_in_the_same_read_as_the_clients_finished_is_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = std::env::temp_dir().join(format!("tether-tls-{}", rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, client) = configs(&dir);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (c, _) = front.accept().await.unwrap();
+            let s = TcpStream::connect(addr).await.unwrap();
+            let (mut cr, mut cw) = c.into_split();
+            let (mut sr, mut sw) = s.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+            let mut buf = vec![0u8; 65536];
+            let n = cr.read(&mut buf).await.unwrap(); // the ClientHello
+            sw.write_all(&buf[..n]).await.unwrap();
+            let n = cr.read(&mut buf).await.unwrap(); // Finished, and what follows it
+            let mut held = buf[..n].to_vec();
+            let until = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+            while let Ok(Ok(n)) = tokio::time::timeout_at(until, cr.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                held.extend_from_slice(&buf[..n]);
+            }
+            sw.write_all(&held).await.unwrap();
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        });
+        let accept = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            LeanTlsStream::accept(tcp, server).await.unwrap()
+        };
+        let connect = async {
+            let mut c = connect_transport(client, &addr.to_string(), proxy_addr, 1 << 20)
+                .await
+                .unwrap();
+            // Straight after the handshake: a KeyUpdate asking for the server's, and data.
+            c.io_mut().get_mut().1.refresh_traffic_keys().unwrap();
+            c.send(&ack(7)).unwrap();
+            flush(&mut c).await.unwrap();
+            c
+        };
+        let (s, mut c) = tokio::join!(accept, connect);
+        let mut s = StreamTransport::server(Box::new(s), 1 << 20);
+        assert!(s.io().own_records());
+        let raw = recv(&mut s).await.unwrap().expect("a frame");
+        assert_eq!(frame::from_raw(&raw).unwrap(), ack(7));
+        // The client reads the server only if the answer went out before the new key.
+        exchange(&mut s, &mut c, 100, 10).await;
+        exchange(&mut c, &mut s, 200, 10).await;
     }
 }
