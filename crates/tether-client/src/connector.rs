@@ -261,6 +261,7 @@ impl NetConnector {
                 } else {
                     tokio::net::TcpSocket::new_v6()?
                 };
+                bind_port_at_connect(&socket);
                 socket.bind(SocketAddr::new(source, 0))?;
                 socket.connect(addr).await?
             }
@@ -375,4 +376,32 @@ impl Connector for MemoryConnector {
             Ok(Box::new(client) as BoxTransport)
         })
     }
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT` on a socket about to bind to a source address: the port is
+/// then chosen at connect time, for the whole address 4-tuple. Without it `bind` picks
+/// a port unused by every socket of that address, TIME_WAIT ones included: after one
+/// run of 9,500 connections from an address, the next run's binds searched the port
+/// range each time and connected at 600-1,000/s instead of 2,500/s.
+fn bind_port_at_connect(socket: &tokio::net::TcpSocket) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: a valid descriptor and an int option, by pointer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not set IP_BIND_ADDRESS_NO_PORT");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }

@@ -1634,8 +1634,7 @@ fn poll_link(link: &mut Link, cx: &mut Context<'_>) -> Poll<LinkEvent> {
     match link {
         Link::Connecting { attempt, .. } => attempt.as_mut().poll(cx).map(LinkEvent::Handshake),
         Link::Up(conn) => {
-            let had_queued = conn.transport.queued_bytes() > 0;
-            if had_queued {
+            if conn.transport.flush_pending() {
                 match conn.transport.poll_flush(cx) {
                     Poll::Ready(Err(e)) => {
                         return Poll::Ready(LinkEvent::Ended(transport_ending(e)));

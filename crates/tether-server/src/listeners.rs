@@ -1,8 +1,9 @@
 //! Accepting sessions on every transport besides plain TCP: TLS over TCP, QUIC, and
 //! WebSocket on the HTTP port (`/ws`, plain or over TLS). Each ends in the same
-//! [`connection::serve`]; the handshakes (TLS, QUIC, the WebSocket upgrade) run in
-//! their own tasks, bounded by the login deadline, so a slow or hostile peer holds up
-//! no one else.
+//! connection task ([`connection::serve`]). The TLS and QUIC handshakes run in the
+//! session's own task, in its boxed login phase ([`connection::serve_after`]), bounded
+//! by the login deadline, so a slow or hostile peer holds up no one else and an idle
+//! session keeps nothing of its handshake; the WebSocket upgrade runs in axum's.
 
 use crate::Shared;
 use crate::connection;
@@ -52,27 +53,24 @@ pub(crate) async fn tls_accept_loop(
 /// Completes the TLS handshake of an accepted connection, then serves it as a session.
 ///
 /// This is the connection's task for its whole life, so what it holds through the idle
-/// phase counts per session: the handshake is boxed (its state is freed when it ends)
-/// and so is the TLS stream (see [`TlsServerTransport`]); the future stays within a few
-/// hundred bytes of the plain TCP one (test `connection_future_stays_small`).
-pub async fn serve_tls(
+/// phase counts per session: the handshake runs in the login phase's box (its state is
+/// freed when it ends) and the TLS stream is boxed (see [`TlsServerTransport`]), so the
+/// task is the size of a plain TCP one (test `connection_future_stays_small`).
+pub fn serve_tls(
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     peer: SocketAddr,
-) {
+) -> impl Future<Output = ()> + Send {
     let deadline = shared.config.login_deadline;
-    let handshake =
-        Box::pin(async move { LeanTlsStream::accept(stream, config).await.map(Box::new) });
-    let tls = handshake_outcome(
-        &shared,
-        peer,
-        tokio::time::timeout(deadline, handshake).await,
-    );
-    if let Some(tls) = tls {
-        let t: TlsServerTransport = StreamTransport::server(tls, PRE_AUTH_MAX_FRAME);
-        connection::serve(shared, t).await
-    }
+    let handshake_shared = shared.clone();
+    connection::serve_after(shared, async move {
+        let handshake = LeanTlsStream::accept(stream, config);
+        let outcome = tokio::time::timeout(deadline, handshake).await;
+        let tls = handshake_outcome(&handshake_shared, peer, outcome)?;
+        let t: TlsServerTransport = StreamTransport::server(Box::new(tls), PRE_AUTH_MAX_FRAME);
+        Some(t)
+    })
 }
 
 /// Completes a TLS handshake within the login deadline; failures are logged and counted.
@@ -115,24 +113,24 @@ fn handshake_outcome<S>(
 pub(crate) async fn quic_accept_loop(endpoint: quic::Endpoint, shared: Arc<Shared>) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let deadline = shared.config.login_deadline;
+        let handshake_shared = shared.clone();
+        tokio::spawn(connection::serve_after(shared, async move {
             let peer = incoming.remote_address();
-            let deadline = shared.config.login_deadline;
-            // Boxed: the handshake's state is freed when it ends, not kept in the
-            // session's task.
-            let handshake = Box::pin(quic::accept(incoming, PRE_AUTH_MAX_FRAME));
-            match tokio::time::timeout(deadline, handshake).await {
-                Ok(Ok(t)) => connection::serve(shared, t).await,
+            match tokio::time::timeout(deadline, quic::accept(incoming, PRE_AUTH_MAX_FRAME)).await {
+                Ok(Ok(t)) => Some(t),
                 Ok(Err(e)) => {
-                    shared.metrics.tls_handshake_failures.inc();
+                    handshake_shared.metrics.tls_handshake_failures.inc();
                     warn!(%peer, error = %e, "QUIC handshake failed");
+                    None
                 }
                 Err(_) => {
-                    shared.metrics.tls_handshake_failures.inc();
+                    handshake_shared.metrics.tls_handshake_failures.inc();
                     warn!(%peer, "QUIC handshake did not finish within the login deadline");
+                    None
                 }
             }
-        });
+        }));
     }
 }
 

@@ -121,6 +121,15 @@ pub trait Transport: Send + Unpin + 'static {
     /// Bytes queued locally and not yet accepted by the peer or the kernel.
     fn queued_bytes(&self) -> usize;
 
+    /// True while flushing is not done: bytes are queued here, or a layer below took
+    /// them without writing them to the socket yet (TLS records waiting for room, a
+    /// WebSocket's write buffer). Callers keep calling [`Transport::poll_flush`] while
+    /// this holds; one that flushed only while [`Transport::queued_bytes`] was non-zero
+    /// left such a tail waiting for the next frame sent, up to a heartbeat later.
+    fn flush_pending(&self) -> bool {
+        self.queued_bytes() > 0
+    }
+
     /// Shuts the write side down after queued frames (best effort).
     fn shutdown(&mut self);
 
@@ -173,6 +182,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn queued_bytes(&self) -> usize {
         (**self).queued_bytes()
+    }
+    fn flush_pending(&self) -> bool {
+        (**self).flush_pending()
     }
     fn shutdown(&mut self) {
         (**self).shutdown()

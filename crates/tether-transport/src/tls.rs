@@ -851,6 +851,66 @@ mod tests {
         }
     }
 
+    /// Records the TLS layer took but the socket had no room for are reported as a
+    /// pending flush even when nothing is queued above them. The connection loops
+    /// flushed only while `queued_bytes` was non-zero: woken when the socket drained,
+    /// they left those records waiting for the next frame sent, up to a heartbeat later.
+    #[tokio::test]
+    async fn records_waiting_in_the_tls_layer_keep_the_flush_pending() {
+        let (mut s, mut c) = pair().await;
+        socket2::SockRef::from(&s.io().tcp)
+            .set_send_buffer_size(16 * 1024)
+            .unwrap();
+        let message = |i: u64| {
+            Frame::Send(pb::Send {
+                client_msg_id: [i.to_be_bytes(), [0; 8]].concat().into(),
+                target: Some(pb::send::Target::User("bob".into())),
+                body: vec![b'x'; 1000].into(),
+                content_type: String::new(),
+            })
+        };
+        // The client reads nothing: send one frame at a time until a flush cannot
+        // finish. Every flush before it finished, so the layer took that last frame.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut sent = 0u64;
+        loop {
+            s.send(&message(sent)).unwrap();
+            sent += 1;
+            match s.poll_flush(&mut cx) {
+                std::task::Poll::Ready(r) => r.unwrap(),
+                std::task::Poll::Pending => break,
+            }
+            assert!(sent < 100_000, "the socket never filled");
+        }
+        assert_eq!(s.queued_bytes(), 0, "the TLS layer took the last frame");
+        assert!(s.flush_pending(), "its records still wait for the socket");
+        // Without another flush the client cannot get the last frame whole.
+        let mut got = 0u64;
+        while let Ok(raw) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), recv(&mut c)).await
+        {
+            let Frame::Send(m) = frame::from_raw(&raw.unwrap().unwrap()).unwrap() else {
+                panic!("not a SEND")
+            };
+            assert_eq!(&m.client_msg_id[..8], got.to_be_bytes());
+            got += 1;
+        }
+        assert!(
+            got < sent,
+            "all {sent} frames arrived without the last flush"
+        );
+        // The flush the loop now makes when the socket drains delivers the rest.
+        let rest = async {
+            while got < sent {
+                recv(&mut c).await.unwrap().unwrap();
+                got += 1;
+            }
+        };
+        let (flushed, ()) = tokio::join!(flush(&mut s), rest);
+        flushed.unwrap();
+        assert!(!s.flush_pending());
+    }
+
     #[tokio::test]
     async fn a_tls13_session_runs_on_tethers_record_layer_through_key_updates_both_ways() {
         let (mut s, mut c) = pair().await;

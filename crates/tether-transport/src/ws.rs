@@ -111,6 +111,8 @@ pub struct WsTransport<W> {
     /// Messages not yet taken by the socket; empty when idle.
     out: VecDeque<WsMessage>,
     out_bytes: usize,
+    /// Messages handed to the socket that it has not flushed yet.
+    unflushed: bool,
     /// The close code and reason to send on shutdown, after a receive failure.
     close: Option<(u16, String)>,
 }
@@ -141,6 +143,7 @@ impl<W: WsSocket> WsTransport<W> {
             max_frame,
             out: VecDeque::new(),
             out_bytes: 0,
+            unflushed: false,
             close: None,
         }
     }
@@ -267,16 +270,24 @@ impl<W: WsSocket> Transport for WsTransport<W> {
                 _ => 0,
             };
             self.socket.start_send(message)?;
+            self.unflushed = true;
         }
         if self.out.capacity() > 0 {
             self.out = VecDeque::new();
         }
-        ready!(self.socket.poll_flush(cx))?;
+        if self.unflushed {
+            ready!(self.socket.poll_flush(cx))?;
+            self.unflushed = false;
+        }
         Poll::Ready(Ok(()))
     }
 
     fn queued_bytes(&self) -> usize {
         self.out_bytes
+    }
+
+    fn flush_pending(&self) -> bool {
+        self.out_bytes > 0 || self.unflushed
     }
 
     fn shutdown(&mut self) {
@@ -288,7 +299,8 @@ impl<W: WsSocket> Transport for WsTransport<W> {
                 .start_send(WsMessage::Close(Some(close)))
                 .is_ok()
         {
-            let _ = self.socket.poll_flush(&mut cx);
+            // What the socket could not write now is flushed by a later `poll_flush`.
+            self.unflushed = self.socket.poll_flush(&mut cx).is_pending();
         }
     }
 
