@@ -810,7 +810,13 @@ impl<T: Transport> Conn<T> {
     /// Streams `next..=head` within the credit window, the replay pacing and the send
     /// buffer's room (the rules are [`DeliveryWindow`]'s).
     fn stream(&mut self) -> Result<(), Close> {
-        self.window.on_head(self.session.head());
+        let head = self.session.head();
+        // The commit queues a SEND's answer before it publishes the head holding the
+        // sender's own copy; answering first keeps SEND_ACK ahead of that DELIVER.
+        if self.session.take_signal(SIG_REPLIES) {
+            self.answer()?;
+        }
+        self.window.on_head(head);
         let limits = WindowLimits {
             credit: u64::from(self.shared.config.credit_window),
             batch: READ_BATCH,
@@ -917,23 +923,29 @@ impl<T: Transport> Conn<T> {
             }
         }
         if bits & SIG_REPLIES != 0 {
-            for reply in self.session.take_replies() {
-                // Replies come back in submission order; sizes are not kept, so each
-                // reply releases the average, and the last one releases the rest.
-                let share = self.inflight_bytes / self.inflight_sends.max(1);
-                self.inflight_sends = self.inflight_sends.saturating_sub(1);
-                self.inflight_bytes = if self.inflight_sends == 0 {
-                    0
-                } else {
-                    self.inflight_bytes.saturating_sub(share)
-                };
-                if let Some(reply) = reply {
-                    self.send(reply)?;
-                }
-            }
+            self.answer()?;
         }
         // SIG_HEAD needs nothing here: the loop streams before it waits again.
         let _ = bits & SIG_HEAD;
+        Ok(())
+    }
+
+    /// Sends the queued answers to submitted operations (SEND_ACKs, refusals).
+    fn answer(&mut self) -> Result<(), Close> {
+        for reply in self.session.take_replies() {
+            // Replies come back in submission order; sizes are not kept, so each
+            // reply releases the average, and the last one releases the rest.
+            let share = self.inflight_bytes / self.inflight_sends.max(1);
+            self.inflight_sends = self.inflight_sends.saturating_sub(1);
+            self.inflight_bytes = if self.inflight_sends == 0 {
+                0
+            } else {
+                self.inflight_bytes.saturating_sub(share)
+            };
+            if let Some(reply) = reply {
+                self.send(reply)?;
+            }
+        }
         Ok(())
     }
 

@@ -200,6 +200,12 @@ impl Session {
             .unwrap_or_default()
     }
 
+    /// Takes one signal bit if it is raised (a plain load when it is not).
+    pub fn take_signal(&self, bit: u8) -> bool {
+        self.signals.load(Ordering::Acquire) & bit != 0
+            && self.signals.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+    }
+
     /// Takes the raised signals, registering the task's waker if there are none.
     pub fn poll_signals(&self, cx: &mut Context<'_>) -> u8 {
         let bits = self.signals.swap(0, Ordering::AcqRel);

@@ -593,3 +593,42 @@ async fn a_client_that_talks_while_the_server_is_backpressured_is_not_expired() 
         }
     }
 }
+
+/// On one connection, a SEND's SEND_ACK comes before the DELIVER of the sender's own
+/// copy (same seq). The commit queues the answer before it publishes the new head, and
+/// the connection answers what is queued before it streams. Pipelined SENDs on a
+/// multi-threaded runtime make the commit finish while the connection is busy with the
+/// next frame, which is when a DELIVER could overtake its SEND_ACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_senders_own_deliver_never_overtakes_its_send_ack() {
+    let f = fixture(|c| c.durability = tether_store::Durability::Relaxed);
+    let (mut alice, _) = f.login("alice", "phone").await;
+    let total = 3_000u32;
+    let mut acked = std::collections::HashSet::new();
+    let (mut sent, mut acks, mut delivered) = (0u32, 0u32, 0u32);
+    while delivered < total {
+        // Keep up to 16 SENDs in flight.
+        while sent < total && sent - acks < 16 {
+            alice.send(&send("bob", sent)).unwrap();
+            sent += 1;
+        }
+        flush(&mut alice).await.unwrap();
+        match next(&mut alice).await.unwrap() {
+            Frame::SendAck(a) => {
+                acked.insert(a.seq);
+                acks += 1;
+            }
+            Frame::Deliver(d) => {
+                let seq = d.entry.unwrap().seq;
+                assert!(
+                    acked.contains(&seq),
+                    "DELIVER {seq} came before its SEND_ACK (after {acks} acks)"
+                );
+                alice.send(&Frame::Ack(pb::Ack { seq })).unwrap();
+                delivered += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acks, total);
+}
