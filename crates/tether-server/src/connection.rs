@@ -47,6 +47,8 @@ const QUERY_PAGE: usize = 200;
 const RTT_SAMPLE: u64 = 8;
 /// Time allowed to flush a final ERROR or KICK before closing.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// Frames read, at most, for their ACKs once the server has decided to close.
+const LAST_FRAMES: usize = 256;
 
 /// Why a connection ended, for logs.
 #[derive(Debug)]
@@ -705,6 +707,16 @@ impl<T: Transport> Conn<T> {
     /// After the loop: the session leaves the registry, then the closing phase.
     async fn closed(mut self, close: Close) {
         let shared = self.shared.clone();
+        if matches!(
+            close,
+            Close::Replaced
+                | Close::Kicked(_)
+                | Close::Revoked(_)
+                | Close::GoingAway
+                | Close::Shutdown
+        ) {
+            self.keep_last_acks();
+        }
         shared.registry.unregister(&self.session);
         shared
             .metrics
@@ -713,6 +725,21 @@ impl<T: Transport> Conn<T> {
             .in_scope(|| info!(reason = %close, "session closed"));
         finish(&shared, &mut self.t, close).await;
         shared.metrics.connections_open.dec();
+    }
+
+    /// The server closes a session whose peer is still talking: ACKs it sent before
+    /// that (already received, not yet read) still move the device's cursor, since the
+    /// device holds those entries. A bounded look, without waiting.
+    fn keep_last_acks(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..LAST_FRAMES {
+            let Poll::Ready(Ok(Some(raw))) = self.t.poll_recv(&mut cx) else {
+                return;
+            };
+            if let Ok(Frame::Ack(ack)) = frame::from_raw(&raw) {
+                let _ = self.on_ack(ack);
+            }
+        }
     }
 
     /// Sends WELCOME (preceded by a non-fatal ERROR if the device's resume point was

@@ -632,3 +632,61 @@ async fn a_senders_own_deliver_never_overtakes_its_send_ack() {
     }
     assert_eq!(acks, total);
 }
+
+/// An ACK the device sent before a newer login of it took over still moves the
+/// device's cursor. Here the old session has stopped reading (its send buffer is past
+/// the high-water mark, the device reads nothing), so the ACK is still unread when the
+/// replacement closes the session.
+#[tokio::test]
+async fn an_ack_waiting_when_a_newer_login_takes_over_still_moves_the_cursor() {
+    let f = fixture(|_| {});
+    let (mut old, _) = f.login("alice", "phone").await;
+    let (mut bob, _) = f.login("bob", "laptop").await;
+    for i in 0..100u32 {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        bob.send(&Frame::Send(pb::Send {
+            client_msg_id: Bytes::copy_from_slice(&id),
+            target: Some(pb::send::Target::User("alice".into())),
+            body: Bytes::from(vec![b'z'; 4096]),
+            content_type: String::new(),
+        }))
+        .unwrap();
+    }
+    flush(&mut bob).await.unwrap();
+    let mut acks = 0;
+    while acks < 100 {
+        if let Some(Frame::SendAck(_)) = next(&mut bob).await {
+            acks += 1;
+        }
+    }
+    // 400 KiB for alice: the pipe (256 KiB) fills, then the server's queue passes the
+    // 64 KiB high-water mark and it stops reading alice's phone.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // DELIVER 1..=3 were sent (alice has them in the pipe).
+    old.send(&Frame::Ack(pb::Ack { seq: 3 })).unwrap();
+    flush(&mut old).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let (newer, _) = f.hello("alice", "phone", 2, None).await;
+    drop(newer);
+    // Cursors are written within 200 ms.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    for epoch in 3.. {
+        let (t, frames) = f.hello("alice", "phone", epoch, None).await;
+        drop(t);
+        let Some(Frame::Welcome(w)) = frames.last() else {
+            panic!("login failed: {frames:?}");
+        };
+        if w.start_seq == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cursor stayed at {}: the ACK of 3 was dropped",
+            w.start_seq - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(old);
+}

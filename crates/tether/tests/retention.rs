@@ -31,7 +31,8 @@ fn wait_for_cursor(server: &ServerProc, token: &str, device: &str, acked: u64) -
         }
         assert!(
             Instant::now() < deadline,
-            "cursor of {device} not at {acked}"
+            "cursor of {device} not at {acked} (welcome: {welcome:?}); log:\n{}",
+            server.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
