@@ -383,10 +383,9 @@ impl Connector for MemoryConnector {
 /// a port unused by every socket of that address, TIME_WAIT ones included: after one
 /// run of 9,500 connections from an address, the next run's binds searched the port
 /// range each time and connected at 600-1,000/s instead of 2,500/s.
-fn bind_port_at_connect(socket: &tokio::net::TcpSocket) {
+pub fn bind_port_at_connect(socket: &impl std::os::fd::AsRawFd) {
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
         let one: libc::c_int = 1;
         // SAFETY: a valid descriptor and an int option, by pointer and length.
         let rc = unsafe {

@@ -27,8 +27,7 @@ const TICK: Duration = Duration::from_millis(5);
 pub fn serve() -> BenchResult {
     crate::load::raise_fd_limit();
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    let mut listener =
-        TcpListener::bind("127.0.0.1:0".parse().expect("an address")).map_err(|e| e.to_string())?;
+    let mut listener = listen().map_err(|e| e.to_string())?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(|e| e.to_string())?;
@@ -105,6 +104,18 @@ pub fn run(connections: usize, interval: Duration, window: Duration) -> BenchRes
     result
 }
 
+/// The echo server's listener on 127.0.0.1, with a backlog like Tether's (mio's `bind`
+/// uses 128: a batch of 500 connects overflowed it and waited 1 s for SYN retransmits).
+fn listen() -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(4096)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// Source addresses 127.0.0.2 … 127.0.0.9 in turn: a run's ports in TIME_WAIT do not
 /// block the next run's.
 const SOURCES: u8 = 8;
@@ -115,6 +126,7 @@ fn connect_from(i: usize, server: SocketAddr) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     let source: SocketAddr = ([127, 0, 0, 2 + (i % usize::from(SOURCES)) as u8], 0).into();
+    tether_client::connector::bind_port_at_connect(&socket);
     socket.bind(&source.into())?;
     match socket.connect(&server.into()) {
         Ok(()) => {}
