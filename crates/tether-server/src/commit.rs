@@ -202,13 +202,14 @@ impl CommitWorker {
         let mut last_compaction = Instant::now();
         let mut stopping = false;
         while !stopping {
+            let mut idle = false;
             match rx.recv_timeout(CURSOR_FLUSH_INTERVAL) {
                 Ok(Command::Append(r)) => {
                     appends.push(r.append);
                     waiting.push((r.reply_to, r.submitted));
                 }
                 Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => idle = true,
             }
             // Everything that arrived while the previous commit was syncing joins this one.
             while !stopping && appends.len() < self.max_batch {
@@ -237,8 +238,19 @@ impl CommitWorker {
             }
             let chunk = if stopping { usize::MAX } else { CURSOR_CHUNK };
             self.write_cursors(&mut flushing, chunk);
+            if flushing.is_empty() && flushing.capacity() > CURSOR_CHUNK {
+                // A login storm's round held a cursor per device (56 B each): kept, its
+                // capacity would be billed to every idle session from then on.
+                flushing = Vec::new();
+            }
             let pending = flushing.len() + self.cursors.lock().len();
             self.metrics.cursor_writes_pending.set(pending as i64);
+            if idle
+                && pending == 0
+                && let Err(e) = self.store.idle()
+            {
+                error!(error = %e, "store housekeeping failed");
+            }
             if !stopping && last_compaction.elapsed() >= self.retention.interval {
                 // Compaction must see where every device is, including one that just
                 // logged in and holds entries back: write every pending cursor first.

@@ -5,8 +5,8 @@
 //! storing the newest inbox head, or pushing a reply, then waking its task.
 
 use atomic_waker::AtomicWaker;
+use hashbrown::HashTable;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -235,13 +235,13 @@ pub struct StaleEpoch {
 
 const SHARDS: usize = 64;
 
-/// A user's sessions, one per connected device: most users have one, kept inline in
-/// the map's entry (a `Vec` would allocate 32 B for it).
-type Devices = smallvec::SmallVec<[Arc<Session>; 1]>;
+/// One shard: every session of its users, one entry (a pointer, 8 B) per connected
+/// device, filed under the hash of its user, so a user's devices are the entries of
+/// that hash whose user matches. A map user → list of devices took 40 B per entry
+/// (the key's `Arc<str>` and an inline list) and its load factor made that ~70 B.
+type Shard = Mutex<HashTable<Arc<Session>>>;
 
-type Shard = Mutex<HashMap<Arc<str>, Devices>>;
-
-/// Sharded map user → sessions (one per device).
+/// Sharded table of sessions, looked up by user (and device).
 #[derive(Debug)]
 pub struct Registry {
     shards: Box<[Shard]>,
@@ -251,15 +251,21 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             hasher: Default::default(),
         }
     }
 }
 
 impl Registry {
-    fn shard(&self, user: &str) -> &Shard {
-        &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
+    fn hash(&self, user: &str) -> u64 {
+        self.hasher.hash_one(user)
+    }
+
+    /// The shard of a user's hash. Its middle bits: the table uses the low bits for the
+    /// bucket and the top 7 for its control bytes.
+    fn shard(&self, hash: u64) -> &Shard {
+        &self.shards[((hash >> 32) as usize) % SHARDS]
     }
 
     /// Adds a login. A newer (or equal) device epoch replaces the active login of the
@@ -267,9 +273,10 @@ impl Registry {
     /// is returned, not yet told: the caller signals it once the new login is admitted,
     /// or puts it back with [`Registry::restore`] if not.
     pub fn register(&self, session: &Arc<Session>) -> Result<Registered, StaleEpoch> {
-        let mut shard = self.shard(&session.user).lock();
-        let devices = shard.entry(session.user.clone()).or_default();
-        if let Some(slot) = devices.iter_mut().find(|s| s.device == session.device) {
+        let hash = self.hash(&session.user);
+        let mut shard = self.shard(hash).lock();
+        let same_device = |s: &Arc<Session>| s.user == session.user && s.device == session.device;
+        if let Some(slot) = shard.find_mut(hash, same_device) {
             if slot.device_epoch > session.device_epoch {
                 return Err(StaleEpoch {
                     active: slot.device_epoch,
@@ -278,85 +285,78 @@ impl Registry {
             let old = std::mem::replace(slot, session.clone());
             return Ok(Registered::Replaced(old));
         }
-        devices.push(session.clone());
+        shard.insert_unique(hash, session.clone(), |s| self.hash(&s.user));
         Ok(Registered::Fresh)
     }
 
     /// Undoes a registration that was refused after all: removes `session` and, if it
     /// had replaced `previous`, puts that one back.
     pub fn restore(&self, session: &Arc<Session>, previous: Option<Arc<Session>>) {
-        let mut shard = self.shard(&session.user).lock();
-        let Some(devices) = shard.get_mut(&session.user) else {
+        let hash = self.hash(&session.user);
+        let mut shard = self.shard(hash).lock();
+        let Ok(entry) = shard.find_entry(hash, |s| Arc::ptr_eq(s, session)) else {
             return;
         };
-        match devices.iter_mut().find(|s| Arc::ptr_eq(s, session)) {
-            Some(slot) => match previous {
-                Some(previous) => *slot = previous,
-                None => devices.retain(|s| !Arc::ptr_eq(s, session)),
-            },
-            None => return,
-        }
-        if devices.is_empty() {
-            shard.remove(&session.user);
+        match previous {
+            Some(previous) => *entry.into_mut() = previous,
+            None => {
+                entry.remove();
+            }
         }
     }
 
     /// Removes `session` if it is still the registered one for its device.
     pub fn unregister(&self, session: &Arc<Session>) {
-        let mut shard = self.shard(&session.user).lock();
-        if let Some(devices) = shard.get_mut(&session.user) {
-            devices.retain(|s| !Arc::ptr_eq(s, session));
-            if devices.is_empty() {
-                shard.remove(&session.user);
+        let hash = self.hash(&session.user);
+        let mut shard = self.shard(hash).lock();
+        if let Ok(entry) = shard.find_entry(hash, |s| Arc::ptr_eq(s, session)) {
+            entry.remove();
+        }
+    }
+
+    /// Calls `f` with each session of `user` (one per connected device), under the
+    /// shard's lock.
+    fn each_of(&self, user: &str, mut f: impl FnMut(&Arc<Session>)) {
+        let hash = self.hash(user);
+        let shard = self.shard(hash).lock();
+        for s in shard.iter_hash(hash) {
+            if &*s.user == user {
+                f(s);
             }
         }
     }
 
     /// The sessions of `user` now, one per connected device.
     pub fn sessions_of(&self, user: &str) -> Vec<Arc<Session>> {
-        self.shard(user)
-            .lock()
-            .get(user)
-            .map(|devices| devices.to_vec())
-            .unwrap_or_default()
+        let mut sessions = Vec::new();
+        self.each_of(user, |s| sessions.push(s.clone()));
+        sessions
     }
 
     /// The devices of `user` that have a session now.
     pub fn connected_devices(&self, user: &str) -> Vec<Box<str>> {
-        let shard = self.shard(user).lock();
-        shard
-            .get(user)
-            .map(|devices| devices.iter().map(|s| s.device.clone()).collect())
-            .unwrap_or_default()
+        let mut devices = Vec::new();
+        self.each_of(user, |s| devices.push(s.device.clone()));
+        devices
     }
 
     /// Tells every session of `user` that its inbox head is now `head`.
     pub fn notify_head(&self, user: &str, head: u64) {
-        let shard = self.shard(user).lock();
-        if let Some(devices) = shard.get(user) {
-            for s in devices {
-                s.notify_head(head);
-            }
-        }
+        self.each_of(user, |s| s.notify_head(head));
     }
 
     /// Signals every session (e.g. shutdown).
     pub fn signal_all(&self, bits: u8) {
         for shard in self.shards.iter() {
-            for devices in shard.lock().values() {
-                for s in devices {
-                    s.signal(bits);
-                }
+            for s in shard.lock().iter() {
+                s.signal(bits);
             }
         }
     }
 
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().values().map(|d| d.len()).sum::<usize>())
-            .sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     /// True when nobody is logged in.
@@ -453,5 +453,49 @@ mod tests {
         assert_eq!((a.head(), b.head()), (7, 7));
         r.notify_head("bob", 3);
         assert_eq!(a.head(), 7, "heads never move back");
+    }
+
+    #[test]
+    fn many_users_share_shards_and_each_lookup_finds_exactly_its_own_devices() {
+        let r = Registry::default();
+        let devices = ["phone", "laptop", "tablet"];
+        let mut all = Vec::new();
+        for u in 0..5_000 {
+            for d in &devices[..1 + u % 3] {
+                let s = session(&format!("u{u}"), d, 1);
+                r.register(&s).unwrap();
+                all.push(s);
+            }
+        }
+        assert_eq!(r.len(), all.len());
+        for u in [0, 1, 2, 4_999] {
+            let mut got: Vec<_> = r
+                .connected_devices(&format!("u{u}"))
+                .into_iter()
+                .map(String::from)
+                .collect();
+            got.sort();
+            let mut want: Vec<_> = devices[..1 + u % 3].iter().map(|d| d.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want, "u{u}");
+        }
+        assert!(r.sessions_of("nobody").is_empty());
+        // A head reaches only that user's sessions.
+        r.notify_head("u2", 9);
+        let heads: Vec<_> = all.iter().filter(|s| s.head() == 9).collect();
+        assert_eq!(heads.len(), 3);
+        assert!(heads.iter().all(|s| &*s.user == "u2"));
+        // Unregistering one device leaves the user's others.
+        let phone = all
+            .iter()
+            .find(|s| &*s.user == "u2" && &*s.device == "phone")
+            .unwrap();
+        r.unregister(phone);
+        assert_eq!(r.sessions_of("u2").len(), 2);
+        assert_eq!(r.len(), all.len() - 1);
+        for s in &all {
+            r.unregister(s);
+        }
+        assert!(r.is_empty());
     }
 }

@@ -426,6 +426,7 @@ impl EmbeddedStore {
         drop(old);
         if let Some(frozen) = frozen {
             self.checkpoints.state.lock().garbage.push(frozen);
+            self.checkpoints.changed.notify_all();
         }
         Ok(())
     }
@@ -771,6 +772,14 @@ impl Store for EmbeddedStore {
     fn sync(&self) -> Result<(), StoreError> {
         let mut writer = self.writer.lock();
         self.checkpoint_now(&mut writer)
+    }
+
+    fn idle(&self) -> Result<(), StoreError> {
+        let mut writer = self.writer.lock();
+        if writer.failed.is_none() {
+            self.maybe_checkpoint(&mut writer);
+        }
+        Ok(())
     }
 
     fn set_cursors(&self, updates: &[(String, String, DeviceCursor)]) -> Result<(), StoreError> {

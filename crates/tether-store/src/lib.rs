@@ -350,6 +350,13 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything recorded so far durable (used at shutdown).
     fn sync(&self) -> Result<(), StoreError>;
 
+    /// Housekeeping while no writes come (the commit loop calls it when idle): work
+    /// that writes normally trigger, such as a due checkpoint, runs anyway, so memory
+    /// held for rows already journaled is released.
+    fn idle(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Every recorded cursor of `user`'s devices, by device id, whatever its epoch or
     /// age (check [`DeviceCursor::is_live`]).
     fn devices(&self, user: &str) -> Result<Vec<(String, DeviceCursor)>, StoreError>;

@@ -803,3 +803,35 @@ fn readers_see_every_committed_message_while_checkpoints_hand_layers_to_the_data
     }
     assert_eq!(seqs(&store, "bob"), (1..=150).collect::<Vec<_>>());
 }
+
+#[test]
+fn an_idle_store_runs_a_due_checkpoint_with_nothing_else_written() {
+    let cursor = |acked_seq| DeviceCursor {
+        inbox_epoch: 1,
+        acked_seq,
+        last_seen_ms: 5,
+    };
+    let disk = SimulatedDisk::new();
+    let store = EmbeddedStore::open_with_backend(disk.clone(), Durability::Fsync).unwrap();
+    store.set_checkpoint_policy(Duration::from_millis(300), usize::MAX);
+    store
+        .set_cursors(&[("bob".into(), "phone".into(), cursor(3))])
+        .unwrap();
+    // Not due yet, and nothing synced the cursor's journal record.
+    store.idle().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.cursor("bob", "phone").unwrap(), None);
+    // Once due, housekeeping alone checkpoints it (no write follows).
+    std::thread::sleep(Duration::from_millis(300));
+    store.idle().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+        if cut.cursor("bob", "phone").unwrap().map(|c| c.acked_seq) == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "idle() ran no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
