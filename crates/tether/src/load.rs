@@ -115,6 +115,10 @@ pub struct LoadArgs {
     login_rate: f64,
     #[arg(long, default_value_t = 1_000_000)]
     login_burst: u32,
+    /// The child server's connection worker threads (`serve --workers`; default: one
+    /// per core).
+    #[arg(long)]
+    server_workers: Option<usize>,
     /// Load a running server instead of a child: its URL (tcp://…, tls://…), …
     #[arg(long, requires_all = ["data", "pid"])]
     server: Option<String>,
@@ -274,6 +278,9 @@ impl ServerChild {
             "--login-burst".into(),
             args.login_burst.to_string(),
         ];
+        if let Some(n) = args.server_workers {
+            argv.extend(["--workers".into(), n.to_string()]);
+        }
         let mut ca = None;
         let url = match args.transport.as_str() {
             "tcp" => {
@@ -1278,6 +1285,7 @@ fn clone_args(a: &LoadArgs) -> LoadArgs {
         restart_after: a.restart_after,
         login_rate: a.login_rate,
         login_burst: a.login_burst,
+        server_workers: a.server_workers,
         server: a.server.clone(),
         data: a.data.clone(),
         pid: a.pid,

@@ -161,6 +161,10 @@ struct ServeArgs {
     /// Logins admitted at once before the rate applies.
     #[arg(long, default_value_t = 2000)]
     login_burst: u32,
+    /// Threads that run connections (default: one per core, or TOKIO_WORKER_THREADS).
+    /// The commit and checkpoint threads come on top.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
     /// On SIGTERM, clients are told (GOAWAY) to reconnect after a random delay within
     /// this many ms, so a restart does not bring them all back at once.
     #[arg(long, default_value_t = 10_000)]
@@ -270,10 +274,14 @@ fn main() -> ExitCode {
         init_logging_with("warn,tether::chaos=info");
         return chaos::run(args);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(ServeArgs {
+        workers: Some(n), ..
+    }) = &cli.command
     {
+        builder.worker_threads(usize::from(*n));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether: cannot start the runtime: {e}");
