@@ -73,15 +73,12 @@ fn chaos(name: &str, extra: &[&str]) -> Value {
         "hundreds of connection kills: {r}"
     );
     assert!(n("conn_kills_silent") > 0, "{r}");
-    // Crashes and kills hit commits in flight: some committed sends lost their
-    // SEND_ACK, and were answered as duplicates when resent or (out of tries) left
-    // unconfirmed though delivered. Which of the two, and how often, is chance: a run
-    // with one seed gave 0 and 3 duplicates. The dedup answer itself is tested
+    // Kills hit sends in flight: clients resent them, and every resend went through the
+    // server's dedup check. Whether any resend was of a send already committed (answered
+    // as a duplicate, or left unconfirmed though delivered) is chance: runs gave 0 to 3
+    // (CI, 2026-11-22: 0 and 0 with 5,329 resends). The dedup answer itself is tested
     // deterministically (conformance, `send_deliver_ack_and_dedup`).
-    assert!(
-        n("duplicates_suppressed_server") + n("unconfirmed_delivered_once") > 0,
-        "{r}"
-    );
+    assert!(n("sends_transmitted") > n("sent"), "resends happened: {r}");
     // The guarantee.
     assert_eq!(n("lost"), 0);
     assert_eq!(n("duplicates_shown"), 0);
