@@ -397,6 +397,7 @@ async fn push(
             "the commit path has stopped",
         );
     }
+    shared.commit.flush();
     let answered = tokio::time::timeout(
         PUSH_TIMEOUT,
         std::future::poll_fn(|cx| {

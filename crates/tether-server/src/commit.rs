@@ -1,31 +1,40 @@
 //! The single commit path (DESIGN §6): the only place seqs are assigned.
 //!
-//! Connections submit sends; one commit thread drains everything submitted while the
-//! previous batch was being made durable and commits it as one store transaction
-//! (group commit). Only then does it answer each sender (SEND_ACK, or the original
-//! SEND_ACK for a duplicate) and notify the heads of the inboxes it touched; DELIVER
-//! follows from those notifications (position streaming), so nothing is acknowledged
-//! or delivered before it is durable.
+//! Connections queue their sends here; whoever commits drains everything queued and
+//! commits it as one store transaction (group commit). Only then does it answer each
+//! sender (SEND_ACK, or the original SEND_ACK for a duplicate) and notify the heads of
+//! the inboxes it touched; DELIVER follows from those notifications (position
+//! streaming), so nothing is acknowledged or delivered before it is durable.
 //!
-//! Device cursors (moved by ACKs and logins) are coalesced here too and written in the
-//! same thread at most every [`CURSOR_FLUSH_INTERVAL`]: a lost cursor only means a
+//! Who commits: a connection that queued something commits on its own thread when it
+//! has read all its input ([`CommitPath::flush`]), unless another thread is committing
+//! already, which then takes the request with its next round. One committer at a time
+//! (the `committer` lock), so batches still commit in queue order. A thread hop per
+//! message costs more than the commit itself: on two busy cores a woken thread can
+//! wait a scheduler slice (milliseconds) for a CPU, which was most of the 1:1 latency
+//! tail. A connection commits at most [`LEAD_ROUNDS`] rounds, then hands over to the
+//! commit thread, so its own thread goes back to its other connections. In `fsync`
+//! mode a round waits for the disk, which must not stall a connection thread: the
+//! commit thread does every round ([`CommitPath::start`]).
+//!
+//! The commit thread also writes device cursors (moved by ACKs and logins), coalesced
+//! and at most every [`CURSOR_FLUSH_INTERVAL`]: a lost cursor only means a
 //! redelivery, which clients drop by seq.
 //!
-//! Compaction ([`Retention`]) runs on this thread as well, every
+//! Compaction ([`Retention`]) runs on the commit thread as well, every
 //! [`Retention::interval`], after writing every pending cursor: entries held back by a
 //! device that just logged in must not be removed under it.
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Session};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tether_proto::{Frame, frame, pb};
 use tether_store::{
-    Action, AppendOutcome, AppendRequest, CompactPolicy, DeviceCursor, Refuse, Store,
+    Action, AppendOutcome, AppendRequest, CompactPolicy, DeviceCursor, Durability, Refuse, Store,
 };
 use tracing::{error, info};
 
@@ -36,6 +45,10 @@ pub const CURSOR_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// one big cursor write would stall every send behind it (measured: 1,000 cursors at
 /// once put 40 ms into the p99.9 of message latency). Chunks keep each stall short.
 pub const CURSOR_CHUNK: usize = 128;
+
+/// Most rounds a connection's thread commits in one [`CommitPath::flush`] before it
+/// hands the rest to the commit thread.
+pub const LEAD_ROUNDS: usize = 2;
 
 /// A send (or group change, or read receipt) waiting for its commit.
 #[derive(Debug)]
@@ -61,19 +74,31 @@ pub fn refusal_code(code: Refuse) -> pb::ErrorCode {
     }
 }
 
-// `Stop` is sent once; boxing every request to shrink it would cost an allocation per
-// send.
-#[allow(clippy::large_enum_variant)]
-enum Command {
-    Append(CommitRequest),
-    Stop,
-}
-
 type CursorKey = (Arc<str>, Box<str>);
 
-/// Handle to the commit thread.
+/// Requests waiting for a committer.
+#[derive(Default)]
+struct Queue {
+    requests: Vec<CommitRequest>,
+    /// A connection's thread gave up committing with requests left: the commit thread
+    /// takes over.
+    handoff: bool,
+    stopped: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    /// Wakes the commit thread (hand-over, stop); waited on with `queue`.
+    wake: Condvar,
+    /// Held by whoever commits.
+    committer: Mutex<CommitWorker>,
+    /// Connection threads may commit (relaxed durability; see the module doc).
+    inline: bool,
+}
+
+/// Handle to the commit path.
 pub struct CommitPath {
-    tx: Mutex<mpsc::Sender<Command>>,
+    inner: Arc<Inner>,
     cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>>,
     delivered: Arc<Mutex<HashMap<Arc<str>, u64>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -86,7 +111,8 @@ impl std::fmt::Debug for CommitPath {
 }
 
 impl CommitPath {
-    /// Starts the commit thread.
+    /// Starts the commit thread. Connection threads commit too unless the store
+    /// waits for the disk (`fsync`).
     pub fn start(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
@@ -94,9 +120,9 @@ impl CommitPath {
         max_batch: usize,
         retention: Retention,
     ) -> Self {
-        let (tx, rx) = mpsc::channel();
         let cursors: Arc<Mutex<HashMap<CursorKey, DeviceCursor>>> = Default::default();
         let delivered: Arc<Mutex<HashMap<Arc<str>, u64>>> = Default::default();
+        let inline = store.durability() == Durability::Relaxed;
         let worker = CommitWorker {
             store,
             registry,
@@ -105,23 +131,71 @@ impl CommitPath {
             delivered: delivered.clone(),
             max_batch: max_batch.max(1),
             retention,
+            taken: Vec::new(),
+            appends: Vec::new(),
+            waiting: Vec::new(),
+            flushing: Vec::new(),
+            last_cursor_flush: Instant::now(),
+            last_compaction: Instant::now(),
         };
-        let thread = std::thread::Builder::new()
-            .name("tether-commit".into())
-            .spawn(move || worker.run(rx))
-            .ok();
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            committer: Mutex::new(worker),
+            inline,
+        });
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("tether-commit".into())
+                .spawn(move || run(&inner))
+                .ok()
+        };
         Self {
-            tx: Mutex::new(tx),
+            inner,
             cursors,
             delivered,
             thread: Mutex::new(thread),
         }
     }
 
-    /// Queues a send for the next group commit. The answer arrives as a reply frame
-    /// on `reply_to`. Returns false if the commit path has stopped.
+    /// Queues a send for the next group commit; [`CommitPath::flush`] commits it. The
+    /// answer arrives as a reply frame on `reply_to`. Returns false if the commit path
+    /// has stopped.
     pub fn submit(&self, request: CommitRequest) -> bool {
-        self.tx.lock().send(Command::Append(request)).is_ok()
+        let mut queue = self.inner.queue.lock();
+        if queue.stopped {
+            return false;
+        }
+        queue.requests.push(request);
+        if !self.inner.inline {
+            self.inner.wake.notify_one();
+        }
+        true
+    }
+
+    /// Commits what is queued on this thread, unless another thread is committing: that
+    /// one takes the queue with its next round (each committer looks at the queue again
+    /// after it lets go). In `fsync` mode the commit thread was woken by `submit`.
+    pub fn flush(&self) {
+        if !self.inner.inline {
+            return;
+        }
+        for _ in 0..LEAD_ROUNDS {
+            let Some(mut committer) = self.inner.committer.try_lock() else {
+                return;
+            };
+            if committer.commit_round(&self.inner.queue) {
+                committer.metrics.commits_inline.inc();
+            }
+            drop(committer);
+            if self.inner.queue.lock().requests.is_empty() {
+                return;
+            }
+        }
+        let mut queue = self.inner.queue.lock();
+        queue.handoff = true;
+        self.inner.wake.notify_one();
     }
 
     /// Records that a device holds everything up to `cursor.acked_seq`.
@@ -153,9 +227,47 @@ impl CommitPath {
 
     /// Commits what was submitted so far, writes pending cursors and stops the thread.
     pub fn stop(&self) {
-        let _ = self.tx.lock().send(Command::Stop);
+        self.inner.queue.lock().stopped = true;
+        self.inner.wake.notify_one();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// The commit thread: takes over from connection threads, commits everything in
+/// `fsync` mode and when idle, and writes cursors and compacts.
+fn run(inner: &Inner) {
+    loop {
+        let (stopping, idle) = {
+            let mut queue = inner.queue.lock();
+            let mut idle = false;
+            if queue.requests.is_empty() && !queue.handoff && !queue.stopped {
+                idle = inner
+                    .wake
+                    .wait_for(&mut queue, CURSOR_FLUSH_INTERVAL)
+                    .timed_out()
+                    && queue.requests.is_empty();
+            }
+            queue.handoff = false;
+            (queue.stopped, idle)
+        };
+        let mut committer = inner.committer.lock();
+        // Everything that arrived while the previous commit was syncing joins this one.
+        if committer.commit_round(&inner.queue) {
+            committer.metrics.commits_by_thread.inc();
+        }
+        committer.housekeeping(stopping, idle);
+        if stopping {
+            while !inner.queue.lock().requests.is_empty() {
+                committer.commit_round(&inner.queue);
+            }
+            committer.housekeeping(true, false);
+            if let Err(e) = committer.store.sync() {
+                error!(error = %e, "final store sync failed");
+            }
+            info!("commit path stopped");
+            return;
         }
     }
 }
@@ -168,6 +280,14 @@ struct CommitWorker {
     delivered: Arc<Mutex<HashMap<Arc<str>, u64>>>,
     max_batch: usize,
     retention: Retention,
+    /// The round's requests, then their appends and whom to answer (kept for reuse).
+    taken: Vec<CommitRequest>,
+    appends: Vec<AppendRequest>,
+    waiting: Vec<(Arc<Session>, Instant)>,
+    /// The current round of cursor writes, written a chunk per turn.
+    flushing: Vec<(CursorKey, DeviceCursor)>,
+    last_cursor_flush: Instant,
+    last_compaction: Instant,
 }
 
 /// What compaction keeps, run by the commit thread every [`Retention::interval`].
@@ -194,85 +314,80 @@ pub(crate) fn unix_ms_before(age: Duration) -> u64 {
 }
 
 impl CommitWorker {
-    fn run(self, rx: mpsc::Receiver<Command>) {
-        let mut appends = Vec::with_capacity(self.max_batch);
-        let mut waiting = Vec::with_capacity(self.max_batch);
-        let mut last_cursor_flush = Instant::now();
-        let mut flushing: Vec<(CursorKey, DeviceCursor)> = Vec::new();
-        let mut last_compaction = Instant::now();
-        let mut stopping = false;
-        while !stopping {
-            let mut idle = false;
-            match rx.recv_timeout(CURSOR_FLUSH_INTERVAL) {
-                Ok(Command::Append(r)) => {
-                    appends.push(r.append);
-                    waiting.push((r.reply_to, r.submitted));
-                }
-                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
-                Err(RecvTimeoutError::Timeout) => idle = true,
+    /// Commits up to `max_batch` queued requests, with the pending delivered marks;
+    /// false if there was nothing to commit.
+    fn commit_round(&mut self, queue: &Mutex<Queue>) -> bool {
+        {
+            let mut queue = queue.lock();
+            if queue.requests.len() <= self.max_batch {
+                std::mem::swap(&mut self.taken, &mut queue.requests);
+            } else {
+                self.taken.extend(queue.requests.drain(..self.max_batch));
             }
-            // Everything that arrived while the previous commit was syncing joins this one.
-            while !stopping && appends.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(Command::Append(r)) => {
-                        appends.push(r.append);
-                        waiting.push((r.reply_to, r.submitted));
-                    }
-                    Ok(Command::Stop) => stopping = true,
-                    Err(_) => break,
-                }
-            }
+        }
+        let mut appends = std::mem::take(&mut self.appends);
+        let mut waiting = std::mem::take(&mut self.waiting);
+        for r in self.taken.drain(..) {
+            appends.push(r.append);
+            waiting.push((r.reply_to, r.submitted));
+        }
+        let marks = self.take_delivered(&mut appends);
+        let any = !appends.is_empty();
+        if any {
+            self.commit(&appends, &mut waiting, marks);
+        }
+        appends.clear();
+        waiting.clear();
+        self.appends = appends;
+        self.waiting = waiting;
+        any
+    }
+
+    /// The commit thread's turn after its round: cursors, idle store work, compaction.
+    fn housekeeping(&mut self, stopping: bool, idle: bool) {
+        // A round takes every cursor moved since the last one, then writes it a
+        // chunk per turn of the loop; moves arriving meanwhile wait for the next round.
+        if self.flushing.is_empty()
+            && (stopping || self.last_cursor_flush.elapsed() >= CURSOR_FLUSH_INTERVAL)
+        {
+            let moved = std::mem::take(&mut *self.cursors.lock());
+            self.flushing.extend(moved);
+            self.last_cursor_flush = Instant::now();
+        }
+        let chunk = if stopping { usize::MAX } else { CURSOR_CHUNK };
+        self.write_cursors(chunk);
+        if self.flushing.is_empty() && self.flushing.capacity() > CURSOR_CHUNK {
+            // A login storm's round held a cursor per device (56 B each): kept, its
+            // capacity would be billed to every idle session from then on.
+            self.flushing = Vec::new();
+        }
+        let pending = self.flushing.len() + self.cursors.lock().len();
+        self.metrics.cursor_writes_pending.set(pending as i64);
+        if idle
+            && pending == 0
+            && let Err(e) = self.store.idle()
+        {
+            error!(error = %e, "store housekeeping failed");
+        }
+        if !stopping && self.last_compaction.elapsed() >= self.retention.interval {
+            // Compaction must see where every device is, including one that just
+            // logged in and holds entries back: write every pending cursor first.
+            self.write_cursors(usize::MAX);
+            let moved = std::mem::take(&mut *self.cursors.lock());
+            self.flushing.extend(moved);
+            self.write_cursors(usize::MAX);
+            self.last_cursor_flush = Instant::now();
+            // Compaction never passes a delivered mark: write the pending ones.
+            let mut appends = std::mem::take(&mut self.appends);
             let marks = self.take_delivered(&mut appends);
-            if !appends.is_empty() {
-                self.commit(&appends, &mut waiting, marks);
-                appends.clear();
-                waiting.clear();
+            if marks > 0 {
+                self.commit(&appends, &mut [], marks);
             }
-            // A round takes every cursor moved since the last one, then writes it a
-            // chunk per turn of the loop; moves arriving meanwhile wait for the next round.
-            if flushing.is_empty()
-                && (stopping || last_cursor_flush.elapsed() >= CURSOR_FLUSH_INTERVAL)
-            {
-                flushing.extend(std::mem::take(&mut *self.cursors.lock()));
-                last_cursor_flush = Instant::now();
-            }
-            let chunk = if stopping { usize::MAX } else { CURSOR_CHUNK };
-            self.write_cursors(&mut flushing, chunk);
-            if flushing.is_empty() && flushing.capacity() > CURSOR_CHUNK {
-                // A login storm's round held a cursor per device (56 B each): kept, its
-                // capacity would be billed to every idle session from then on.
-                flushing = Vec::new();
-            }
-            let pending = flushing.len() + self.cursors.lock().len();
-            self.metrics.cursor_writes_pending.set(pending as i64);
-            if idle
-                && pending == 0
-                && let Err(e) = self.store.idle()
-            {
-                error!(error = %e, "store housekeeping failed");
-            }
-            if !stopping && last_compaction.elapsed() >= self.retention.interval {
-                // Compaction must see where every device is, including one that just
-                // logged in and holds entries back: write every pending cursor first.
-                self.write_cursors(&mut flushing, usize::MAX);
-                flushing.extend(std::mem::take(&mut *self.cursors.lock()));
-                self.write_cursors(&mut flushing, usize::MAX);
-                last_cursor_flush = Instant::now();
-                // Compaction never passes a delivered mark: write the pending ones.
-                let marks = self.take_delivered(&mut appends);
-                if marks > 0 {
-                    self.commit(&appends, &mut waiting, marks);
-                    appends.clear();
-                    waiting.clear();
-                }
-                self.compact();
-                last_compaction = Instant::now();
-            }
+            appends.clear();
+            self.appends = appends;
+            self.compact();
+            self.last_compaction = Instant::now();
         }
-        if let Err(e) = self.store.sync() {
-            error!(error = %e, "final store sync failed");
-        }
-        info!("commit path stopped");
     }
 
     /// Appends the pending delivered marks to the batch (after the requests that have
@@ -406,7 +521,8 @@ impl CommitWorker {
     }
 
     /// Writes up to `max` cursors of the current round.
-    fn write_cursors(&self, round: &mut Vec<(CursorKey, DeviceCursor)>, max: usize) {
+    fn write_cursors(&mut self, max: usize) {
+        let round = &mut self.flushing;
         if round.is_empty() {
             return;
         }

@@ -651,6 +651,10 @@ struct Conn<T> {
     interval_ms: u32,
     /// The loop has streamed and waits for an event (see [`Conn::poll_run`]).
     waiting: bool,
+    /// Operations were queued for commit since the last [`CommitPath::flush`].
+    ///
+    /// [`CommitPath::flush`]: crate::commit::CommitPath::flush
+    unflushed: bool,
 }
 
 /// What woke the connection loop.
@@ -674,20 +678,33 @@ impl<T: Transport> Conn<T> {
             inflight_bytes: 0,
             interval_ms: a.interval.as_millis().min(u128::from(u32::MAX)) as u32,
             waiting: false,
+            unflushed: false,
         }
     }
 
     /// The session's loop: stream what the window allows, then wait for the next
     /// event and handle it. Ready with the reason once the session ends.
+    ///
+    /// Sends are queued as they are read and committed together once there is nothing
+    /// more to read: one commit for what one read brought in.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Close> {
         loop {
             if !self.waiting {
                 if let Err(close) = self.stream() {
+                    self.flush();
                     return Poll::Ready(close);
                 }
                 self.waiting = true;
             }
-            let event = ready!(self.poll_event(cx));
+            let event = match self.poll_event(cx) {
+                Poll::Ready(event) => event,
+                Poll::Pending if self.unflushed => {
+                    // The answers raise our signals: the next poll sees them.
+                    self.flush();
+                    continue;
+                }
+                Poll::Pending => return Poll::Pending,
+            };
             self.waiting = false;
             let step = match event {
                 Event::Frame(raw) => {
@@ -699,8 +716,18 @@ impl<T: Transport> Conn<T> {
                 Event::Closed(close) => Err(close),
             };
             if let Err(close) = step {
+                self.flush();
                 return Poll::Ready(close);
             }
+        }
+    }
+
+    /// Commits the operations queued since the last flush (see [`CommitPath::flush`]).
+    ///
+    /// [`CommitPath::flush`]: crate::commit::CommitPath::flush
+    fn flush(&mut self) {
+        if std::mem::take(&mut self.unflushed) {
+            self.shared.commit.flush();
         }
     }
 
@@ -1211,6 +1238,7 @@ impl<T: Transport> Conn<T> {
         if !self.shared.commit.submit(request) {
             return Err(Close::Shutdown);
         }
+        self.unflushed = true;
         self.inflight_sends += 1;
         self.inflight_bytes = self.inflight_bytes.saturating_add(bytes);
         Ok(())

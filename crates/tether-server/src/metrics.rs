@@ -49,6 +49,10 @@ pub struct Metrics {
     pub quic_migrations: Counter,
     /// Device cursor moves not yet written to the store (set by the commit thread).
     pub cursor_writes_pending: Gauge,
+    /// Group commits made on a connection's thread (relaxed durability).
+    pub commits_inline: Counter,
+    /// Group commits made on the commit thread.
+    pub commits_by_thread: Counter,
     /// Connections closed, by reason (`Close::label`).
     disconnects: Family<Labels, Counter>,
     /// Logged-in sessions now, by transport.
@@ -92,6 +96,8 @@ impl Default for Metrics {
             ws_upgrades_refused: Counter::default(),
             quic_migrations: Counter::default(),
             cursor_writes_pending: Gauge::default(),
+            commits_inline: Counter::default(),
+            commits_by_thread: Counter::default(),
             disconnects: Family::default(),
             sessions: Family::default(),
             sessions_by_mode: Family::default(),
@@ -231,6 +237,16 @@ impl Default for Metrics {
             "commit_latency_seconds",
             "Time from SEND arrival to durable commit",
             m.commit_latency.clone(),
+        );
+        registry.register(
+            "commits_inline",
+            "Group commits made on a connection's thread",
+            m.commits_inline.clone(),
+        );
+        registry.register(
+            "commits_by_thread",
+            "Group commits made on the commit thread",
+            m.commits_by_thread.clone(),
         );
         registry.register(
             "commit_batch_messages",

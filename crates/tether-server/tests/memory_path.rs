@@ -690,3 +690,97 @@ async fn an_ack_waiting_when_a_newer_login_takes_over_still_moves_the_cursor() {
     }
     drop(old);
 }
+
+/// With relaxed durability connections commit on their own threads. Eight senders on
+/// a two-thread runtime pipeline at once, so committers race for the commit lock and
+/// take over each other's queued sends. Every SEND is answered once, with growing
+/// seqs, and every message reaches its recipient once, in each sender's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_commits_on_connection_threads_lose_and_repeat_nothing() {
+    const SENDERS: u32 = 8;
+    const EACH: u32 = 400;
+    let f = std::sync::Arc::new(fixture(|c| {
+        c.durability = tether_store::Durability::Relaxed
+    }));
+    let (mut bob, _) = f.login("bob", "laptop").await;
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let f = f.clone();
+        senders.push(tokio::spawn(async move {
+            let (mut t, _) = f.login(&format!("s{s}"), "phone").await;
+            let (mut sent, mut acks, mut last_seq) = (0u32, 0u32, 0u64);
+            while acks < EACH {
+                while sent < EACH && sent - acks < 32 {
+                    let mut id = [0u8; 16];
+                    id[..4].copy_from_slice(&sent.to_le_bytes());
+                    t.send(&Frame::Send(pb::Send {
+                        client_msg_id: Bytes::copy_from_slice(&id),
+                        target: Some(pb::send::Target::User("bob".into())),
+                        body: Bytes::from(format!("{s} {sent}")),
+                        content_type: "text/plain".into(),
+                    }))
+                    .unwrap();
+                    sent += 1;
+                }
+                flush(&mut t).await.unwrap();
+                match next(&mut t).await.unwrap() {
+                    Frame::SendAck(a) => {
+                        assert!(!a.duplicate, "s{s}: a first send answered as a duplicate");
+                        assert!(a.seq > last_seq, "s{s}: seq {} after {last_seq}", a.seq);
+                        last_seq = a.seq;
+                        acks += 1;
+                    }
+                    Frame::Deliver(d) => {
+                        let seq = d.entry.unwrap().seq;
+                        t.send(&Frame::Ack(pb::Ack { seq })).unwrap();
+                    }
+                    Frame::Error(e) => panic!("s{s}: {e:?}"),
+                    _ => {}
+                }
+            }
+            acks
+        }));
+    }
+    let mut next_of = vec![0u32; SENDERS as usize];
+    let (mut got, mut last_seq) = (0u32, 0u64);
+    while got < SENDERS * EACH {
+        let Frame::Deliver(d) = next(&mut bob).await.unwrap() else {
+            continue;
+        };
+        let e = d.entry.unwrap();
+        assert_eq!(e.seq, last_seq + 1, "bob's inbox skipped or repeated a seq");
+        last_seq = e.seq;
+        bob.send(&Frame::Ack(pb::Ack { seq: e.seq })).unwrap();
+        flush(&mut bob).await.unwrap();
+        let body = String::from_utf8(e.body.to_vec()).unwrap();
+        let (s, n) = body.split_once(' ').unwrap();
+        let (s, n): (usize, u32) = (s.parse().unwrap(), n.parse().unwrap());
+        assert_eq!(
+            n, next_of[s],
+            "from s{s}: message {n} out of order or repeated"
+        );
+        next_of[s] += 1;
+        got += 1;
+    }
+    for s in senders {
+        assert_eq!(s.await.unwrap(), EACH);
+    }
+    let metrics = &f.server.shared().metrics;
+    assert!(
+        metrics.commits_inline.get() > 0,
+        "no commit was made on a connection's thread"
+    );
+}
+
+/// With `fsync` durability a commit waits for the disk, which must not stall a
+/// connection's thread: the commit thread makes every commit.
+#[tokio::test]
+async fn fsync_commits_stay_on_the_commit_thread() {
+    let f = fixture(|c| c.durability = tether_store::Durability::Fsync);
+    let (mut alice, _) = f.login("alice", "phone").await;
+    let acks = send_all(&mut alice, "bob", 0..20).await;
+    assert_eq!(acks.len(), 20);
+    let metrics = &f.server.shared().metrics;
+    assert_eq!(metrics.commits_inline.get(), 0);
+    assert!(metrics.commits_by_thread.get() > 0);
+}

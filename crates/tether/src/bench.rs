@@ -661,7 +661,7 @@ pub(crate) async fn latency(
                     last_n = Some(last_n.map_or(n, |prev| prev.max(n)));
                     bump(&got.messages);
                     let now_ns = epoch.elapsed().as_nanos() as u64;
-                    samples.push(now_ns.saturating_sub(sent_ns));
+                    samples.push(sent_ns, now_ns.saturating_sub(sent_ns));
                 }
             }));
         }
@@ -725,7 +725,11 @@ pub(crate) async fn latency(
         })
         .map(str::to_string)
         .collect();
-    let mut lat = samples.take();
+    let taken = samples.take();
+    if std::env::var_os("TETHER_BENCH_TIMELINE").is_some() {
+        print_timeline(&taken);
+    }
+    let mut lat: Vec<u64> = taken.into_iter().map(|(_, l)| l).collect();
     lat.sort_unstable();
     let pct = |p: f64| -> f64 {
         if lat.is_empty() {
@@ -762,6 +766,50 @@ pub(crate) async fn latency(
         "server_commit_histogram": server_metrics,
         "steal_ms_all_cpus": crate::hiccups::steal_ms().saturating_sub(steal_before),
     }))
+}
+
+/// With `TETHER_BENCH_TIMELINE=1`: percentiles per second of the run, then every
+/// message slower than 1.5 ms by when it was sent (ms since the start: latency µs),
+/// one line per stall. A stall shows as consecutive sends all arriving at one moment.
+fn print_timeline(samples: &[(u64, u64)]) {
+    let mut by_second: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(sent_ns, took_ns) in samples {
+        by_second
+            .entry(sent_ns / 1_000_000_000)
+            .or_default()
+            .push(took_ns);
+    }
+    for (second, mut v) in by_second {
+        v.sort_unstable();
+        let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] / 1000;
+        eprintln!(
+            "second {second}: {} messages, µs p50 {} p99 {} p999 {} max {}",
+            v.len(),
+            at(0.5),
+            at(0.99),
+            at(0.999),
+            at(1.0)
+        );
+    }
+    let mut slow: Vec<(u64, u64)> = samples
+        .iter()
+        .filter(|&&(_, took_ns)| took_ns > 1_500_000)
+        .map(|&(sent_ns, took_ns)| (sent_ns / 1_000_000, took_ns / 1000))
+        .collect();
+    slow.sort_unstable();
+    let mut line = String::new();
+    let mut last_ms = 0;
+    for (sent_ms, took_us) in slow {
+        if sent_ms > last_ms + 3 && !line.is_empty() {
+            eprintln!("{line}");
+            line.clear();
+        }
+        line.push_str(&format!("{sent_ms}:{took_us} "));
+        last_ms = sent_ms;
+    }
+    if !line.is_empty() {
+        eprintln!("{line}");
+    }
 }
 
 /// One group size of `tether bench fanout`.
@@ -886,7 +934,7 @@ async fn fanout(
 
 /// Latency samples collected from many tasks.
 struct Samples {
-    inner: std::sync::Mutex<Vec<u64>>,
+    inner: std::sync::Mutex<Vec<(u64, u64)>>,
     count: AtomicU64,
 }
 
@@ -898,16 +946,16 @@ fn parking_samples(capacity: usize) -> Samples {
 }
 
 impl Samples {
-    fn push(&self, v: u64) {
+    fn push(&self, sent_ns: u64, v: u64) {
         if let Ok(mut g) = self.inner.lock() {
-            g.push(v);
+            g.push((sent_ns, v));
         }
         self.count.fetch_add(1, Ordering::Relaxed);
     }
     fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed) as usize
     }
-    fn take(&self) -> Vec<u64> {
+    fn take(&self) -> Vec<(u64, u64)> {
         self.inner
             .lock()
             .map(|mut g| std::mem::take(&mut *g))

@@ -262,7 +262,25 @@ fn init_logging_with(default: &str) {
         .init();
 }
 
+/// No transparent huge pages for this process. mimalloc asks for them on its arenas,
+/// and with the kernel's usual `defrag=madvise` a fault in such an arena zeroes 2 MiB
+/// and may compact memory first, on the faulting thread. That put milliseconds into
+/// the message path whenever the store's layers grew: 1:1 p99 at 5k msg/s fell from
+/// 1.5–2.7 ms to 0.8–0.9 ms without them (SCALE.md, session 14). mimalloc's own switch
+/// (`MIMALLOC_ALLOW_THP=0`) is read before `main`; this is the same prctl it makes.
+fn no_huge_pages() {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        eprintln!(
+            "tether: cannot turn off transparent huge pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     if let Command::Lab(args) = cli.command {
         // Its own threads and runtimes, one per namespace.
