@@ -13,7 +13,8 @@
 //! message costs more than the commit itself: on two busy cores a woken thread can
 //! wait a scheduler slice (milliseconds) for a CPU, which was most of the 1:1 latency
 //! tail. A connection commits at most [`LEAD_ROUNDS`] rounds, then hands over to the
-//! commit thread, so its own thread goes back to its other connections. In `fsync`
+//! commit thread, so its own thread goes back to its other connections; a queue longer
+//! than [`INLINE_BATCH`] is handed over at once. In `fsync`
 //! mode a round waits for the disk, which must not stall a connection thread: the
 //! commit thread does every round ([`CommitPath::start`]).
 //!
@@ -49,6 +50,13 @@ pub const CURSOR_CHUNK: usize = 128;
 /// Most rounds a connection's thread commits in one [`CommitPath::flush`] before it
 /// hands the rest to the commit thread.
 pub const LEAD_ROUNDS: usize = 2;
+
+/// A longer queue goes to the commit thread at once: so many sends at a time are a
+/// throughput load, where committing beside the connections (on another core) is worth
+/// the hop, and one connection's thread would otherwise do all the reading and all the
+/// committing in turn (measured: one-pair throughput 100k msg/s inline, 157k+ handed
+/// over).
+pub const INLINE_BATCH: usize = 32;
 
 /// A send (or group change, or read receipt) waiting for its commit.
 #[derive(Debug)]
@@ -182,6 +190,9 @@ impl CommitPath {
             return;
         }
         for _ in 0..LEAD_ROUNDS {
+            if self.inner.queue.lock().requests.len() > INLINE_BATCH {
+                break;
+            }
             let Some(mut committer) = self.inner.committer.try_lock() else {
                 return;
             };
