@@ -166,6 +166,11 @@ pub struct ServerConfig {
     /// (see `tether_store::PowerLossFile`, seeded with this), so killing the process is
     /// a power cut. `None` in production.
     pub simulate_power_loss: Option<u64>,
+    /// Threads with a single-threaded runtime each that accepted TCP and TLS
+    /// connections are dealt out to (see [`crate::cores`]); 0 runs them on the
+    /// caller's runtime (the default). `tether serve --per-core-runtimes` starts one
+    /// per worker.
+    pub connection_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -200,6 +205,7 @@ impl Default for ServerConfig {
             replay_burst: 20_000,
             probes: Default::default(),
             simulate_power_loss: None,
+            connection_threads: 0,
             dev_login: false,
             tls: None,
             tls_listen: None,

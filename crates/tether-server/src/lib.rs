@@ -15,6 +15,7 @@ pub mod auth;
 pub mod commit;
 pub mod config;
 pub mod connection;
+pub mod cores;
 pub mod deadlines;
 mod devices;
 mod listeners;
@@ -57,6 +58,9 @@ pub enum ServerError {
     /// The TLS certificate or key is missing or unusable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The connection threads could not be started.
+    #[error("cannot start the connection threads: {0}")]
+    Threads(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -103,6 +107,8 @@ pub struct Shared {
     pub kicks: admin::Kicks,
     /// Devices whose tokens were revoked.
     pub revocations: admin::Revocations,
+    /// The threads accepted TCP and TLS connections run on.
+    pub threads: cores::ConnectionThreads,
     sweeper: std::sync::atomic::AtomicBool,
 }
 
@@ -186,6 +192,8 @@ impl Server {
             config.replay_rate,
             config.replay_burst,
         ));
+        let threads = cores::ConnectionThreads::start(config.connection_threads)
+            .map_err(ServerError::Threads)?;
         let registry = Arc::new(Registry::default());
         let metrics = Arc::new(Metrics::default());
         let commit = CommitPath::start(
@@ -218,6 +226,7 @@ impl Server {
                 admin_token,
                 kicks: Default::default(),
                 revocations,
+                threads,
                 draining: Default::default(),
                 sweeper: Default::default(),
             }),
@@ -431,8 +440,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 tune_accepted(&stream, shared.config.tcp_user_timeout);
-                let transport = TcpTransport::accepted(stream, tether_proto::PRE_AUTH_MAX_FRAME);
-                tokio::spawn(connection::serve(shared.clone(), transport));
+                cores::hand_over(&shared.threads, stream, |stream| {
+                    serve_tcp(shared.clone(), stream)
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -441,6 +451,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// The task of an accepted plain TCP connection, handed over from the accepting
+/// runtime ([`cores::hand_over`]): it registers the stream with the runtime it runs
+/// on, in its login phase, so the task stays the size of [`connection::serve`]'s.
+pub fn serve_tcp(
+    shared: Arc<Shared>,
+    stream: std::net::TcpStream,
+) -> impl Future<Output = ()> + Send {
+    connection::serve_after(shared, async move {
+        let stream = cores::register(stream)?;
+        Some(TcpTransport::accepted(
+            stream,
+            tether_proto::PRE_AUTH_MAX_FRAME,
+        ))
+    })
 }
 
 /// Tunes an accepted socket for a long-lived, mostly idle ("thin") stream: the

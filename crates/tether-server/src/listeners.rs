@@ -39,8 +39,9 @@ pub(crate) async fn tls_accept_loop(
                 let _ = stream.set_nodelay(true);
                 crate::tune_accepted(&stream, shared.config.tcp_user_timeout);
                 let config = config.clone();
-                let shared = shared.clone();
-                tokio::spawn(serve_tls(shared, config, stream, peer));
+                crate::cores::hand_over(&shared.threads, stream, |stream| {
+                    serve_tls(shared.clone(), config, stream, peer)
+                });
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -59,12 +60,13 @@ pub(crate) async fn tls_accept_loop(
 pub fn serve_tls(
     shared: Arc<Shared>,
     config: Arc<rustls::ServerConfig>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     peer: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
     let deadline = shared.config.login_deadline;
     let handshake_shared = shared.clone();
     connection::serve_after(shared, async move {
+        let stream = crate::cores::register(stream)?;
         let handshake = LeanTlsStream::accept(stream, config);
         let outcome = tokio::time::timeout(deadline, handshake).await;
         let tls = handshake_outcome(&handshake_shared, peer, outcome)?;

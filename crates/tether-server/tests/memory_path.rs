@@ -456,6 +456,22 @@ async fn connection_future_stays_small() {
         "the per-connection future grew to {size} bytes"
     );
 
+    // What the accept loop spawns: the stream handed over to a connection thread is
+    // registered inside the login phase, so the task is no bigger.
+    let (client, accepted) = tokio::join!(
+        tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let _client2 = client.unwrap();
+    let std_stream = accepted.unwrap().0.into_std().unwrap();
+    let fut = tether_server::serve_tcp(f.server.shared().clone(), std_stream);
+    let size = std::mem::size_of_val(&fut);
+    println!("an accepted TCP connection's task (register, then serve()): {size} bytes");
+    assert!(
+        size <= TASK_256,
+        "the accepted TCP connection's future grew to {size} bytes"
+    );
+
     // A TLS connection's task, handshake included: the rustls state (about 1.2 KB
     // inline) must live once on the heap, not in the future (it was 3,992 B when the
     // stream was inline: the transport had three slots in it).
@@ -475,7 +491,12 @@ async fn connection_future_stays_small() {
     );
     let _client = client.unwrap();
     let (stream, peer) = accepted.unwrap();
-    let fut = tether_server::serve_tls(f.server.shared().clone(), config, stream, peer);
+    let fut = tether_server::serve_tls(
+        f.server.shared().clone(),
+        config,
+        stream.into_std().unwrap(),
+        peer,
+    );
     let size = std::mem::size_of_val(&fut);
     println!("a TLS connection's task (handshake, then serve()): {size} bytes");
     // 88 B (2026-11-22): the handshake runs in the login phase's box. 264 B when the

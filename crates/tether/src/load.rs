@@ -100,6 +100,11 @@ pub struct LoadArgs {
     body: usize,
     #[arg(long, default_value = "fsync")]
     durability: tether_store::Durability,
+    /// Start the connections evenly over this many seconds instead of all at once, so
+    /// their heartbeats are spread over the interval as real clients' are (0: as fast
+    /// as the server takes them; their PINGs then come in waves).
+    #[arg(long, default_value_t = 0.0)]
+    connect_over: f64,
     /// Worker processes (default: one per 9,500 connections).
     #[arg(long)]
     workers: Option<usize>,
@@ -119,6 +124,10 @@ pub struct LoadArgs {
     /// per core).
     #[arg(long)]
     server_workers: Option<usize>,
+    /// The child server runs TCP and TLS connections on one single-threaded runtime per
+    /// worker (`serve --per-core-runtimes`).
+    #[arg(long)]
+    server_per_core_runtimes: bool,
     /// Load a running server instead of a child: its URL (tcp://…, tls://…), …
     #[arg(long, requires_all = ["data", "pid"])]
     server: Option<String>,
@@ -280,6 +289,9 @@ impl ServerChild {
         ];
         if let Some(n) = args.server_workers {
             argv.extend(["--workers".into(), n.to_string()]);
+        }
+        if args.server_per_core_runtimes {
+            argv.push("--per-core-runtimes".into());
         }
         let mut ca = None;
         let url = match args.transport.as_str() {
@@ -540,6 +552,7 @@ async fn sockets(args: &LoadArgs) -> BenchResult {
             ])
             .args(["--heartbeat", &args.heartbeat.to_string()])
             .args(["--heartbeat-mode", &args.heartbeat_mode])
+            .args(["--connect-over", &args.connect_over.to_string()])
             .args([
                 "--msg-rate",
                 &share.to_string(),
@@ -603,7 +616,8 @@ async fn sockets(args: &LoadArgs) -> BenchResult {
     let bar = progress_bar(n as u64, args.no_progress);
     bar.set_message("connecting");
     let started = Instant::now();
-    let connect_limit = Duration::from_secs(60 + n as u64 / 200);
+    let connect_limit =
+        Duration::from_secs(60 + n as u64 / 200) + Duration::from_secs_f64(args.connect_over);
     // RSS once a tenth is up: the slope from there excludes the fixed start-up cost.
     let mut tenth: Option<(u64, u64)> = None;
     loop {
@@ -748,6 +762,8 @@ async fn sockets(args: &LoadArgs) -> BenchResult {
         "sources": args.sources,
         "heartbeat_s": args.heartbeat,
         "heartbeat_mode": args.heartbeat_mode,
+        "connect_over_s": args.connect_over,
+        "server_per_core_runtimes": args.server_per_core_runtimes,
         "durability": args.durability.to_string(),
         "window_s": (window.as_secs_f64() * 10.0).round() / 10.0,
         "machine": machine,
@@ -872,6 +888,9 @@ pub struct WorkerArgs {
     heartbeat: f64,
     #[arg(long)]
     heartbeat_mode: String,
+    /// Seconds over which this worker's connections start, evenly.
+    #[arg(long, default_value_t = 0.0)]
+    connect_over: f64,
     #[arg(long)]
     msg_rate: f64,
     #[arg(long)]
@@ -982,7 +1001,9 @@ async fn worker_inner(args: WorkerArgs) -> BenchResult {
         let partner = user(i + 1);
         let chat = args.chat;
         let body_len = args.body;
+        let start_at = Duration::from_secs_f64(args.connect_over * k as f64 / args.count as f64);
         tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(base + start_at)).await;
             let permit = gate.acquire_owned().await;
             let mut client = match Client::start(config) {
                 Ok(c) => c,
@@ -1271,6 +1292,7 @@ fn clone_args(a: &LoadArgs) -> LoadArgs {
         connections: a.connections,
         heartbeat: a.heartbeat,
         heartbeat_mode: a.heartbeat_mode.clone(),
+        connect_over: a.connect_over,
         duration: a.duration,
         msg_rate: a.msg_rate,
         pairs: a.pairs,
@@ -1286,6 +1308,7 @@ fn clone_args(a: &LoadArgs) -> LoadArgs {
         login_rate: a.login_rate,
         login_burst: a.login_burst,
         server_workers: a.server_workers,
+        server_per_core_runtimes: a.server_per_core_runtimes,
         server: a.server.clone(),
         data: a.data.clone(),
         pid: a.pid,

@@ -405,3 +405,54 @@ fn chat_sends_typed_lines_and_shows_incoming_messages() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn connections_on_different_connection_threads_deliver_to_each_other_in_order() {
+    // `--per-core-runtimes --workers 4`: four connection threads, connections dealt
+    // out in turn. Receiver
+    // i is the i-th connection (thread i % 4), its sender the (6+i)-th (thread
+    // (i+2) % 4), so every message crosses from one thread's runtime to another's.
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &dir.path().join("data"),
+        &["--per-core-runtimes", "--workers", "4"],
+    );
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .filter(|c| c.starts_with("tether-conn-"))
+        .collect();
+    assert_eq!(
+        threads.len(),
+        4,
+        "one runtime thread per worker: {threads:?}"
+    );
+
+    let mut receivers: Vec<RawClient> = (0..6)
+        .map(|i| RawClient::login(server.addr, &server.token(&format!("u{i}")), "rx", 1).0)
+        .collect();
+    let mut senders: Vec<RawClient> = (0..6)
+        .map(|i| RawClient::login(server.addr, &server.token(&format!("s{i}")), "tx", 1).0)
+        .collect();
+    for (i, s) in senders.iter_mut().enumerate() {
+        let ids: Vec<[u8; 16]> = (0..50).map(|n| id(1000 * i as u64 + n)).collect();
+        let acks = s.send_many(&format!("u{i}"), &ids, |n| format!("{i}:{n}"), 16);
+        assert_eq!(acks.len(), 50);
+    }
+    for (i, r) in receivers.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 50 {
+            if let tether_proto::Frame::Deliver(d) = r.read() {
+                let e = d.entry.unwrap();
+                r.send(&tether_proto::Frame::Ack(tether_proto::pb::Ack {
+                    seq: e.seq,
+                }));
+                assert_eq!(e.from, format!("s{i}"));
+                got.push(String::from_utf8(e.body.to_vec()).unwrap());
+            }
+        }
+        let want: Vec<String> = (0..50).map(|n| format!("{i}:{n}")).collect();
+        assert_eq!(got, want, "receiver {i}: each once, in order");
+    }
+}
