@@ -560,13 +560,15 @@ fn cursors_become_durable_with_the_next_append_checkpoint_or_sync_not_before() {
     let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
     assert_eq!(cut.cursor("bob", "phone").unwrap().unwrap().acked_seq, 4);
     assert_eq!(cut.cursor("bob", "tablet").unwrap(), None);
-    // And the next checkpoint, on its own thread, with nothing else written.
+    // And the next checkpoint once writes stop (the commit loop's housekeeping calls
+    // idle()), on its own thread, with nothing else written.
     store.set_checkpoint_policy(Duration::ZERO, usize::MAX);
     store
         .set_cursors(&[("bob".into(), "phone".into(), cursor(5))])
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        store.idle().unwrap();
         let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
         if cut.cursor("bob", "phone").unwrap().unwrap().acked_seq == 5 {
             break;
@@ -834,4 +836,57 @@ fn an_idle_store_runs_a_due_checkpoint_with_nothing_else_written() {
         assert!(Instant::now() < deadline, "idle() ran no checkpoint");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+#[test]
+fn a_checkpoint_that_is_not_durable_reaches_the_disk_only_with_a_durable_one_and_replay_skips_what_it_covers()
+ {
+    let disk = SimulatedDisk::new();
+    let store = EmbeddedStore::open_with_backend(disk.clone(), Durability::Fsync).unwrap();
+    store.set_checkpoint_policy(Duration::from_secs(3600), usize::MAX);
+    let send_n = |ids: std::ops::RangeInclusive<u8>| {
+        for id in ids {
+            let body = format!("m{id}");
+            store
+                .append(&[send("alice", "d", id, "bob", &body, u64::from(id))])
+                .unwrap();
+        }
+    };
+    let bodies = |store: &EmbeddedStore| -> Vec<String> {
+        all(store, "bob")
+            .iter()
+            .map(|e| String::from_utf8(e.body.to_vec()).unwrap())
+            .collect()
+    };
+    let expected: Vec<String> = (1..=8).map(|i| format!("m{i}")).collect();
+    send_n(1..=5);
+    store.checkpoint_on_this_thread(false).unwrap();
+    send_n(6..=8);
+    assert_eq!(seqs(&store, "bob"), (1..=8).collect::<Vec<_>>());
+
+    // A power cut now: the database is back where it was before that checkpoint, and
+    // the journal (all eight batches, synced) brings everything back once.
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.replayed_at_open(), 8);
+    assert_eq!(bodies(&cut), expected);
+    assert_eq!(seqs(&cut, "alice"), (1..=8).collect::<Vec<_>>());
+    drop(cut);
+
+    // A clean close makes the pending checkpoint durable (redb does, at close): the
+    // reopened store replays only the three batches after it, and nothing twice.
+    drop(store);
+    let reopened = EmbeddedStore::open_with_backend(disk.clone(), Durability::Fsync).unwrap();
+    assert_eq!(reopened.replayed_at_open(), 3);
+    assert_eq!(bodies(&reopened), expected);
+    let next = reopened
+        .append(&[send("alice", "d", 9, "bob", "m9", 9)])
+        .unwrap();
+    assert_eq!(new_ack(&next[0]).sender_seq, 9);
+    assert_eq!(seqs(&reopened, "bob"), (1..=9).collect::<Vec<_>>());
+
+    // A durable checkpoint covers the whole generation: nothing is replayed after it.
+    reopened.checkpoint_on_this_thread(true).unwrap();
+    let cut = EmbeddedStore::open_with_backend(disk.power_cut(), Durability::Fsync).unwrap();
+    assert_eq!(cut.replayed_at_open(), 0);
+    assert_eq!(seqs(&cut, "bob"), (1..=9).collect::<Vec<_>>());
 }

@@ -1,13 +1,15 @@
 //! The journal: every committed batch, appended to a log file and made durable with one
 //! write and one fdatasync, before anyone is told.
 //!
-//! Two files take turns. The batches of checkpoint generation `g` go to file `g % 2`,
-//! from offset 0; when the live layer is frozen for a checkpoint the journal moves to
-//! generation `g + 1` in the other file. A checkpoint records in the database the last
-//! generation it covers, so at open every batch of a later generation is replayed, in
-//! order, through the same writer that first applied it: the batch is the unit of
-//! replay, so seqs, message ids and receipts come out the same. A file is overwritten
-//! only once its generation is checkpointed.
+//! Two files take turns. The records of generation `g` go to file `g % 2`, from offset
+//! 0; a durable checkpoint moves the journal to generation `g + 1` in the other file.
+//! Every checkpoint records in the database how much of the journal it covers: the last
+//! generation it covers whole, and how many records of the next one (a checkpoint that
+//! is not durable covers part of the current generation, which goes on). At open every
+//! record after that point is replayed, in order, through the same writer that first
+//! applied it: the batch is the unit of replay, so seqs, message ids and receipts come
+//! out the same. A file is overwritten only once its generation is durably
+//! checkpointed.
 //!
 //! Files are reused without truncation, so an fdatasync normally flushes data only, not
 //! the file's length. A record is
@@ -318,6 +320,8 @@ pub(super) struct Journal {
     lengths: [u64; 2],
     generation: u64,
     offset: u64,
+    /// Records written in this generation.
+    records: u64,
     record: Vec<u8>,
 }
 
@@ -330,6 +334,7 @@ impl Journal {
             lengths,
             generation,
             offset: 0,
+            records: 0,
             record: Vec::new(),
         })
     }
@@ -338,10 +343,16 @@ impl Journal {
         self.generation
     }
 
+    /// Records written in the current generation so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
     /// Moves to the next generation, in the other file, from its start.
     pub fn next_generation(&mut self) {
         self.generation += 1;
         self.offset = 0;
+        self.records = 0;
     }
 
     /// Writes one record; with `sync`, returns after fdatasync.
@@ -367,6 +378,7 @@ impl Journal {
             file.sync_data()?;
         }
         self.offset = end;
+        self.records += 1;
         Ok(())
     }
 }
