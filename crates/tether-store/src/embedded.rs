@@ -217,11 +217,13 @@ struct CheckpointState {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, holding `dir/LOCK` exclusively while open.
     pub fn open(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
-        // File 0 is the database: its commits write back in chunks (see FileBackend).
+        // File 0 is the database: its syncs write back in chunks (see FileBackend).
+        // Relaxed never syncs, so nothing is tracked.
+        let chunked = durability == Durability::Fsync;
         Self::open_dir(dir, durability, |file, index| {
             Ok(FileBackend {
                 file,
-                dirty: (index == 0).then(Default::default),
+                dirty: (chunked && index == 0).then(Default::default),
             })
         })
     }
